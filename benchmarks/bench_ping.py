@@ -1,0 +1,80 @@
+"""Ping round trips through the real server, next to a bare pyzmq DEALER/ROUTER echo.
+
+The echo is the ceiling: a separate process whose ROUTER sends back every message as it
+arrives, over the same loopback TCP, carrying the same frames. Both are timed in this run,
+interleaved in rounds so machine noise hits both alike; the ratio goal is <= 1.25.
+
+    pytest benchmarks/bench_ping.py --benchmark-enable -s
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import zmq
+
+from lmcache import protocol as p
+from lmcache.client import MPClient
+from lmcache.server.process import ServerProcess, free_port
+
+ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context()
+router = ctx.socket(zmq.ROUTER)
+router.bind(f"tcp://127.0.0.1:{sys.argv[1]}")
+print("ready", flush=True)
+while True:
+    router.send_multipart(router.recv_multipart())
+"""
+
+
+@pytest.fixture(scope="module")
+def echo_port() -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    yield port
+    proc.kill()
+    proc.wait()
+
+
+def _median_us(fn: Callable[[], object], n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def test_ping_round_trip_vs_bare_echo(benchmark, echo_port: int) -> None:
+    frame = p.encode(p.Ping())
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{echo_port}")
+
+    def bare_echo() -> None:
+        dealer.send_multipart([b"\x01\x00\x00\x00\x00\x00\x00\x00", frame])
+        dealer.recv_multipart()
+
+    with ServerProcess() as server, MPClient("127.0.0.1", server.port) as client:
+        assert client.ping() == p.Pong()
+        bare_echo()  # both connections established before timing
+        n = 50 if benchmark.disabled else 2000
+        ours, echo = [], []
+        for _ in range(5):
+            echo.append(_median_us(bare_echo, n))
+            ours.append(_median_us(client.ping, n))
+        benchmark.extra_info["echo_median_us"] = round(min(echo), 2)
+        benchmark.extra_info["ping_median_us"] = round(min(ours), 2)
+        benchmark.extra_info["ratio"] = round(min(ours) / min(echo), 3)
+        print(f"\nping median {min(ours):.1f} us, bare echo median {min(echo):.1f} us, "
+              f"ratio {min(ours) / min(echo):.3f} (goal <= 1.25)")
+        benchmark(client.ping)
+    dealer.close(0)
+    ctx.term()

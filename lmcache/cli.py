@@ -1,0 +1,134 @@
+"""The `lmcache` command: `lmcache server` runs the cache server, `lmcache ping` checks one."""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from lmcache import __version__
+from lmcache.config import ConfigError, EvictionPolicy, LogLevel, ServerConfig, zmq_endpoint
+
+try:  # typer >= 0.16 vendors click; older releases use the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+app = typer.Typer(
+    name="lmcache",
+    help="LMCache: a KV-cache server for LLM inference. vLLM's LMCacheMPConnector stores the KV "
+    "cache of prompt prefixes in the server's CPU memory and loads it back when a prefix repeats.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _choices(kind: type[enum.Enum]) -> str:
+    return "[" + "|".join(m.value for m in kind) + "]"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lmcache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """LMCache: a KV-cache server for LLM inference."""
+
+
+@app.command()
+def server(
+    l1_size_gb: Annotated[
+        float, typer.Option("--l1-size-gb", help="Size of the L1 CPU memory pool in GiB (required, > 0).", show_default=False)
+    ],
+    eviction_policy: Annotated[
+        str, typer.Option("--eviction-policy", metavar=_choices(EvictionPolicy), help="What to evict when L1 is full (any case).")
+    ] = EvictionPolicy.LRU.value,
+    host: Annotated[str, typer.Option("--host", help="Interface for the ZMQ server (vLLM connects here).")] = "localhost",
+    port: Annotated[int, typer.Option("--port", help="ZMQ port.")] = 5555,
+    http_host: Annotated[str, typer.Option("--http-host", help="Interface for the HTTP admin server.")] = "0.0.0.0",
+    http_port: Annotated[int, typer.Option("--http-port", help="HTTP admin port (/healthcheck, /status, /metrics).")] = 8080,
+    max_workers: Annotated[int, typer.Option("--max-workers", help="Threads that copy KV for stores and retrieves.")] = 1,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Tokens per cached chunk (a multiple of vLLM's block size).")] = 256,
+    log_level: Annotated[str, typer.Option("--log-level", metavar=_choices(LogLevel), help="Logging verbosity.")] = LogLevel.INFO.value,
+) -> int:
+    """Run the LMCache cache server (ZMQ for vLLM, HTTP for operators) until SIGINT or SIGTERM."""
+    try:
+        config = ServerConfig(
+            l1_size_gb=l1_size_gb,
+            eviction_policy=eviction_policy,
+            host=host,
+            port=port,
+            http_host=http_host,
+            http_port=http_port,
+            max_workers=max_workers,
+            chunk_size=chunk_size,
+            log_level=log_level,
+        )
+    except ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint=f"'--{e.field.replace('_', '-')}'") from None
+    from lmcache.server.app import run_server  # keeps `lmcache --help` and `ping` light
+
+    return run_server(config)
+
+
+@app.command()
+def ping(
+    host: Annotated[str, typer.Option("--host", help="Server host.")] = "localhost",
+    port: Annotated[int, typer.Option("--port", help="Server ZMQ port.")] = 5555,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for an answer.")] = 2.0,
+) -> int:
+    """Ask a running server who it is and time a round trip; exits 1 when it does not answer."""
+    from lmcache.client import MPClient, ServerError, ServerUnavailableError
+
+    endpoint = zmq_endpoint(host, port)
+    with MPClient(host, port, timeout_s=timeout) as client:
+        try:
+            hello = client.hello(client_name="lmcache ping")
+            start = time.perf_counter()
+            client.ping()
+            rtt_ms = (time.perf_counter() - start) * 1000
+        except (ServerUnavailableError, ServerError) as e:
+            typer.echo(f"lmcache ping: error: {e}", err=True)
+            return 1
+    modes = ", ".join(hello.transfer_modes) or "none"
+    typer.echo(f"LMCache server at {endpoint}")
+    typer.echo(f"  version         {hello.server_version} (protocol {hello.protocol_version})")
+    typer.echo(f"  server id       {hello.server_id}")
+    typer.echo(f"  chunk size      {hello.chunk_size} tokens")
+    typer.echo(f"  transfer modes  {modes}")
+    typer.echo(f"  round trip      {rtt_ms:.3f} ms")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: a usage error is one line on stderr and exit status 2."""
+    command = typer.main.get_command(app)
+    try:
+        status = command.main(args=argv, prog_name="lmcache", standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else "Try 'lmcache --help'.")
+        status = 0
+    except click_exceptions.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "lmcache"
+        message = " ".join(e.format_message().split())
+        typer.echo(f"{where}: error: {message} (see '{where} --help')", err=True)
+        status = 2
+    except click_exceptions.Abort:
+        status = 130
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

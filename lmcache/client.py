@@ -1,0 +1,218 @@
+"""MPClient: how everything outside the server talks to it (connector, simulator, CLI, tests).
+
+One DEALER socket. Each request gets a fresh request id and a ``ReplyFuture``; replies are
+matched by id, so requests may be in flight concurrently and answered in any order. There is
+no I/O thread: ZMQ sockets are not thread-safe, so whichever caller is waiting drives the
+socket under a lock and hands other callers their replies. A single caller therefore pays
+no thread hop per round trip, which keeps a round trip close to a bare ZMQ echo.
+
+Every wait has a deadline. With ``IMMEDIATE`` set, nothing is queued for a server that is
+not connected, so a request never reaches a server long after its caller gave up; ZMQ
+reconnects by itself when the server comes back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import TypeVar
+
+import zmq
+
+from lmcache import __version__
+from lmcache import protocol as p
+from lmcache.config import zmq_endpoint
+
+R = TypeVar("R", bound=p.Reply)
+
+# Longest time one waiter holds the socket before letting other threads in.
+_POLL_SLICE_S = 0.005
+
+
+class ServerUnavailableError(ConnectionError):
+    """The server did not answer in time (down, unreachable or overloaded)."""
+
+
+class ServerError(RuntimeError):
+    """The server answered with an Error reply."""
+
+    def __init__(self, code: p.ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ReplyFuture:
+    """The pending reply to one request."""
+
+    __slots__ = ("_client", "_deadline", "_done", "_event", "_reply", "request_id")
+
+    def __init__(self, client: MPClient, request_id: bytes, deadline: float) -> None:
+        self._client = client
+        self._deadline = deadline
+        self._event = threading.Event()
+        self._reply: p.Reply | BaseException | None = None
+        self._done = False
+        self.request_id = request_id
+
+    def done(self) -> bool:
+        """True once the reply (or a failure) is in; never blocks."""
+        if not self._done:
+            self._client._pump(0.0)
+        return self._done
+
+    def result(self, timeout: float | None = None) -> p.Reply:
+        """The reply; raises ServerError for an Error reply, ServerUnavailableError on timeout.
+
+        ``timeout`` defaults to what is left of the deadline set when the request was sent.
+        """
+        deadline = self._deadline if timeout is None else time.monotonic() + timeout
+        self._client._wait(self, deadline)
+        reply = self._reply
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, p.Error):
+            raise ServerError(reply.code, reply.message)
+        assert reply is not None
+        return reply
+
+    def _set(self, reply: p.Reply | BaseException) -> None:
+        self._reply = reply
+        self._done = True
+        self._event.set()
+
+
+class MPClient:
+    def __init__(self, host: str = "localhost", port: int = 5555, timeout_s: float = 5.0) -> None:
+        self.endpoint = zmq_endpoint(host, port)
+        self.timeout_s = timeout_s
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(self.endpoint)
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, ReplyFuture] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    # --- typed calls ----------------------------------------------------------------------
+
+    def hello(self, client_name: str = "", timeout: float | None = None) -> p.HelloReply:
+        return self.call(p.Hello(__version__, client_name), p.HelloReply, timeout)
+
+    def ping(self, timeout: float | None = None) -> p.Pong:
+        return self.call(p.Ping(), p.Pong, timeout)
+
+    def status(self, timeout: float | None = None) -> dict:
+        return self.call(p.Status(), p.StatusReply, timeout).status
+
+    def clear(self, timeout: float | None = None) -> int:
+        return self.call(p.Clear(), p.ClearReply, timeout).cleared_objects
+
+    # --- generic --------------------------------------------------------------------------
+
+    def call(self, request: p.Request, expect: type[R], timeout: float | None = None) -> R:
+        """Sends ``request`` and waits for its reply, which must be of type ``expect``."""
+        reply = self.submit(request, timeout).result()
+        if not isinstance(reply, expect):
+            raise ServerError(p.ErrorCode.BAD_MESSAGE, f"expected {expect.__name__}, got {type(reply).__name__}")
+        return reply
+
+    def submit(self, request: p.Request, timeout: float | None = None) -> ReplyFuture:
+        """Sends ``request`` now; the returned future completes when its reply arrives."""
+        return self.submit_frames([p.encode(request)], timeout)
+
+    def submit_frames(self, frames: list[bytes], timeout: float | None = None) -> ReplyFuture:
+        """Sends pre-encoded message frames (the message and any bulk frames)."""
+        if self._closed:
+            raise RuntimeError("MPClient is closed")
+        deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+        request_id = next(self._ids).to_bytes(8, "little")
+        future = ReplyFuture(self, request_id, deadline)
+        with self._lock:
+            self._pending[request_id] = future
+            try:
+                self._send_locked([request_id, *frames], deadline)
+            except BaseException:
+                del self._pending[request_id]
+                raise
+        return future
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            for future in self._pending.values():
+                future._set(ServerUnavailableError("MPClient was closed"))
+            self._pending.clear()
+            self._sock.close(linger=0)
+            self._ctx.term()
+
+    def __enter__(self) -> MPClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- socket driving (callers hold no lock) ---------------------------------------------
+
+    def _send_locked(self, frames: list[bytes], deadline: float) -> None:
+        while True:
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:  # not connected yet (IMMEDIATE) or the send queue is full
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLOUT):
+                    raise ServerUnavailableError(
+                        f"cannot reach the LMCache server at {self.endpoint} "
+                        "(is `lmcache server` running?)"
+                    ) from None
+
+    def _wait(self, future: ReplyFuture, deadline: float) -> None:
+        while not future._done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                with self._lock:
+                    self._pending.pop(future.request_id, None)
+                if not future._done:
+                    future._set(ServerUnavailableError(
+                        f"no reply from the LMCache server at {self.endpoint} within the timeout"
+                    ))
+                return
+            if not self._pump(min(remaining, _POLL_SLICE_S)):
+                # Another thread is driving the socket and will hand us our reply.
+                future._event.wait(min(remaining, _POLL_SLICE_S))
+
+    def _pump(self, timeout_s: float) -> bool:
+        """Receives whatever replies arrive within ``timeout_s``; False if another thread is."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._closed:
+                return True
+            if self._sock.poll(timeout_s * 1000, zmq.POLLIN):
+                while True:
+                    try:
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._deliver(frames)
+            return True
+        finally:
+            self._lock.release()
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        future = self._pending.pop(frames[0], None)
+        if future is None:
+            return  # the caller timed out, or the server answered a request it could not parse
+        if len(frames) != 2:
+            future._set(ServerError(p.ErrorCode.BAD_ENVELOPE, f"reply has {len(frames)} frames, expected 2"))
+            return
+        try:
+            future._set(p.decode_reply(frames[1]))
+        except p.ProtocolError as e:
+            future._set(ServerError(e.code, e.message))

@@ -1,0 +1,48 @@
+"""One logging setup for the whole package.
+
+Every line reads ``LMCache <LEVEL>: <message>``, the form the quick start documents, so an
+operator can grep for it whichever part of the process wrote it (our modules or Sanic's).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+_FORMAT = "LMCache %(levelname)s: %(message)s"
+_ROOT = "lmcache"
+# Sanic logs through these; they share our handler so there is one format per process.
+_SANIC_LOGGERS = ("sanic.root", "sanic.error", "sanic.server", "sanic.access", "sanic.websockets")
+_handler: logging.Handler | None = None
+
+
+def _configure_once() -> logging.Handler:
+    global _handler
+    if _handler is None:
+        _handler = logging.StreamHandler(sys.stderr)
+        _handler.setFormatter(logging.Formatter(_FORMAT))
+        root = logging.getLogger(_ROOT)
+        root.addHandler(_handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    return _handler
+
+
+def init_logger(name: str) -> logging.Logger:
+    """The logger for module ``name`` (normally ``__name__``), configured on first use."""
+    _configure_once()
+    if name != _ROOT and not name.startswith(_ROOT + "."):
+        name = f"{_ROOT}.{name}"
+    return logging.getLogger(name)
+
+
+def set_level(level: str) -> None:
+    """Sets the package's level; Sanic's own chatter stays at WARNING or above."""
+    handler = _configure_once()
+    numeric = logging.getLevelName(level.upper())
+    logging.getLogger(_ROOT).setLevel(numeric)
+    for name in _SANIC_LOGGERS:
+        sanic_logger = logging.getLogger(name)
+        sanic_logger.handlers = [handler]
+        sanic_logger.propagate = False
+        sanic_logger.setLevel(max(numeric, logging.WARNING))

@@ -1,0 +1,155 @@
+"""The wire protocol between clients (vLLM's connector, the simulator, `lmcache ping`) and the server.
+
+Envelope. A client's DEALER socket sends one multipart message per request::
+
+    [request id, message, *bulk]
+
+``request id`` is opaque bytes (at most ``MAX_REQUEST_ID_BYTES``) that the server echoes back
+unchanged; ``message`` is one msgpack frame holding a tagged Struct; further frames are reserved
+for bulk bytes of the transfer modes that need them. Every reply is ``[request id, message]``
+where the message is the request's result Struct or an ``Error``.
+
+Message ids (the Struct tags) are stable: never renumber or reuse one. Requests use 1..99,
+replies 100 and up.
+
+===  ==============  =================================================
+id   message         purpose
+===  ==============  =================================================
+1    Hello           version check; server facts (chunk size, modes)
+2    Ping            liveness
+3    Status          the same document as HTTP ``GET /status``
+4    Clear           drop every cached object (as ``POST /clear-cache``)
+100  Error           any request can get this instead of its reply
+101  HelloReply
+102  Pong
+103  StatusReply
+104  ClearReply
+===  ==============  =================================================
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST_ID_BYTES = 64
+
+
+class _Message(msgspec.Struct, array_like=True, frozen=True):
+    """Base of every wire message: encoded as a msgpack array whose first item is the tag."""
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+class Hello(_Message, tag=1):
+    client_version: str = ""
+    client_name: str = ""
+
+
+class Ping(_Message, tag=2):
+    pass
+
+
+class Status(_Message, tag=3):
+    pass
+
+
+class Clear(_Message, tag=4):
+    pass
+
+
+# --- replies --------------------------------------------------------------------------------
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_ENVELOPE = "bad_envelope"  # wrong number of frames, or an oversized request id
+    BAD_MESSAGE = "bad_message"  # the frame is not a valid message of a known type
+    TOO_LARGE = "too_large"  # the request is larger than the server's limit
+    BAD_REQUEST = "bad_request"  # well-formed, but its values are invalid
+    INTERNAL = "internal"  # the server failed; it keeps serving
+
+
+class Error(_Message, tag=100):
+    code: ErrorCode
+    message: str
+
+
+class HelloReply(_Message, tag=101):
+    server_version: str
+    protocol_version: int
+    server_id: str
+    chunk_size: int
+    transfer_modes: list[str]
+
+
+class Pong(_Message, tag=102):
+    pass
+
+
+class StatusReply(_Message, tag=103):
+    status: dict[str, Any]
+
+
+class ClearReply(_Message, tag=104):
+    cleared_objects: int
+
+
+Request = Union[Hello, Ping, Status, Clear]
+Reply = Union[Error, HelloReply, Pong, StatusReply, ClearReply]
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted; becomes an ``Error`` reply with ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_reply(self) -> Error:
+        return Error(self.code, self.message)
+
+
+def encode(message: _Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_request(frame: bytes | memoryview) -> Request:
+    try:
+        return _request_decoder.decode(frame)
+    except msgspec.ValidationError as e:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, _explain_invalid(frame, e)) from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"cannot decode message frame: {e}") from None
+
+
+_REQUEST_TAGS = {cls.__struct_config__.tag: cls.__name__ for cls in Request.__args__}
+_REPLY_TAGS = {cls.__struct_config__.tag: cls.__name__ for cls in Reply.__args__}
+
+
+def _explain_invalid(frame: bytes | memoryview, error: msgspec.ValidationError) -> str:
+    """Says which message id was wrong, when the frame is an array that starts with one."""
+    try:
+        tag = msgspec.msgpack.decode(frame)[0]
+    except Exception:
+        return f"not a valid request: {error}"
+    if tag in _REQUEST_TAGS:
+        return f"invalid {_REQUEST_TAGS[tag]} message: {error}"
+    if tag in _REPLY_TAGS:
+        return f"message id {tag} is a reply ({_REPLY_TAGS[tag]}), not a request"
+    return f"unknown message id {tag!r}"
+
+
+def decode_reply(frame: bytes | memoryview) -> Reply:
+    try:
+        return _reply_decoder.decode(frame)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a valid reply: {e}") from None

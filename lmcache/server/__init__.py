@@ -1,0 +1,1 @@
+"""The `lmcache server` process: one CacheEngine behind a ZMQ face and an HTTP face."""

@@ -1,0 +1,98 @@
+"""Starts one server process: the CacheEngine, its ZMQ face and its HTTP face; stops them cleanly.
+
+Both ports are bound before anything is announced, so a busy port is one clear error at start.
+SIGINT and SIGTERM stop the HTTP server, then the ZMQ loop, then the engine, and the process
+exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import socket
+
+from lmcache import __version__
+from lmcache.config import ServerConfig
+from lmcache.log import init_logger, set_level
+from lmcache.server.engine import CacheEngine
+from lmcache.server.http import build_app
+from lmcache.server.metrics import ServerMetrics
+from lmcache.server.zmq_loop import PortInUseError, ZmqServer
+
+logger = init_logger(__name__)
+
+RUNNING_LINE = "LMCache cache server is running..."
+
+
+def _bind_http(config: ServerConfig) -> socket.socket:
+    try:
+        return socket.create_server((config.http_host, config.http_port), backlog=128)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUseError("HTTP", config.http_host, config.http_port, "--http-port") from None
+        raise OSError(f"cannot listen for HTTP on {config.http_host}:{config.http_port}: {e.strerror}") from None
+
+
+def run_server(config: ServerConfig) -> int:
+    """Runs until SIGINT/SIGTERM; returns the process exit status."""
+    set_level(config.log_level.value)
+    logger.info("Starting LMCache server %s with %s", __version__, config.as_dict())
+    engine = CacheEngine(config)
+    metrics = ServerMetrics(engine)
+    try:
+        zmq_server = ZmqServer(config, engine, metrics)
+    except OSError as e:
+        logger.error("%s", e)
+        engine.close()
+        return 1
+    try:
+        http_sock = _bind_http(config)
+    except OSError as e:
+        logger.error("%s", e)
+        zmq_server.stop()
+        engine.close()
+        return 1
+    try:
+        asyncio.run(_serve(config, engine, metrics, zmq_server, http_sock))
+    finally:
+        zmq_server.stop()
+        http_sock.close()
+        engine.close()
+    logger.info("LMCache server stopped")
+    return 0
+
+
+async def _serve(
+    config: ServerConfig,
+    engine: CacheEngine,
+    metrics: ServerMetrics,
+    zmq_server: ZmqServer,
+    http_sock: socket.socket,
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    app = build_app(engine, metrics)
+    http = await app.create_server(sock=http_sock, return_asyncio_server=True, access_log=False)
+    assert http is not None
+    await http.startup()
+    await http.before_start()
+    await http.start_serving()
+    zmq_server.start()
+    engine.start()
+    logger.info("ZMQ server listening on %s", zmq_server.endpoint)
+    logger.info("HTTP server listening on http://%s:%d", config.http_host, config.http_port)
+    logger.info(RUNNING_LINE)
+    await http.after_start()
+
+    await stop.wait()
+    logger.info("Shutting down")
+    engine.begin_shutdown()
+    await http.before_stop()
+    http.close()
+    await http.wait_closed()
+    await http.after_stop()
+    zmq_server.stop()

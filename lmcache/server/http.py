@@ -1,0 +1,61 @@
+"""The HTTP admin face (Sanic): health, status, metrics and clearing, over the same CacheEngine."""
+
+from __future__ import annotations
+
+import itertools
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse, json, raw
+
+from lmcache.server.engine import CacheEngine
+from lmcache.server.metrics import ServerMetrics
+
+# Sanic refuses two apps of one name in a process.
+_app_ids = itertools.count()
+
+
+def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
+    app = Sanic(f"lmcache_admin_{next(_app_ids)}", configure_logging=False)
+    app.config.MOTD = False
+    app.config.ACCESS_LOG = False
+    count = metrics.http_requests
+
+    @app.get("/healthcheck")
+    async def healthcheck(_: Request) -> HTTPResponse:
+        healthy, reason = engine.health()
+        if healthy:
+            count.labels(route="/healthcheck", status="200").inc()
+            return json({"status": "healthy"})
+        count.labels(route="/healthcheck", status="503").inc()
+        return json({"status": "unhealthy", "reason": reason}, status=503)
+
+    @app.post("/clear-cache")
+    async def clear_cache(_: Request) -> HTTPResponse:
+        engine.clear()
+        count.labels(route="/clear-cache", status="200").inc()
+        return json({"status": "ok"})
+
+    @app.get("/status")
+    async def status(_: Request) -> HTTPResponse:
+        count.labels(route="/status", status="200").inc()
+        return json(engine.status())
+
+    @app.get("/metrics")
+    async def prometheus(_: Request) -> HTTPResponse:
+        count.labels(route="/metrics", status="200").inc()
+        body, content_type = metrics.render()
+        return raw(body, content_type=content_type)
+
+    @app.exception(SanicException)
+    async def http_error(request: Request, error: SanicException) -> HTTPResponse:
+        # Unknown routes (404), wrong methods (405) and the like answer JSON, not HTML.
+        code = getattr(error, "status_code", 500)
+        count.labels(route="other", status=str(code)).inc()
+        return json(
+            {"status": "error", "error": str(error), "path": request.path, "method": request.method},
+            status=code,
+            headers=getattr(error, "headers", None),
+        )
+
+    return app

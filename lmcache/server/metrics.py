@@ -1,0 +1,67 @@
+"""Prometheus metrics of one server, every name prefixed ``lmcache_``.
+
+Gauges are read from ``CacheEngine.status()`` at scrape time, so they can never drift from
+what /status says; counters are incremented by the faces as requests pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lmcache.server.engine import CacheEngine
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: CacheEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._engine.status()
+        server, l1 = status["server"], status["l1"]
+        yield InfoMetricFamily(
+            "lmcache_build", "Server version and id.",
+            value={"version": server["version"], "server_id": server["server_id"]},
+        )
+        ready = 1.0 if server["state"] == "ready" else 0.0
+        yield GaugeMetricFamily("lmcache_up", "1 while the engine is ready to serve.", value=ready)
+        yield GaugeMetricFamily("lmcache_uptime_seconds", "Seconds since start.", value=server["uptime_seconds"])
+        yield GaugeMetricFamily("lmcache_l1_capacity_bytes", "Size of the L1 pool.", value=l1["capacity_bytes"])
+        yield GaugeMetricFamily("lmcache_l1_used_bytes", "Bytes of L1 held by objects.", value=l1["used_bytes"])
+        yield GaugeMetricFamily("lmcache_l1_objects", "Objects in L1.", value=l1["objects"])
+        yield GaugeMetricFamily("lmcache_registered_engines", "Registered KV caches.", value=len(status["engines"]))
+        yield GaugeMetricFamily("lmcache_active_sessions", "Requests with server-side state.", value=status["sessions"]["active"])
+        yield GaugeMetricFamily("lmcache_l1_clears", "Times the cache was cleared.", value=l1["clears"])
+
+
+class ServerMetrics:
+    """One registry per server (not the process-global one), so tests can run several."""
+
+    def __init__(self, engine: CacheEngine) -> None:
+        disable_created_metrics()  # the *_created series only add noise to every scrape
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_EngineCollector(engine))
+        self.zmq_requests = Counter(
+            "lmcache_zmq_requests", "ZMQ requests received, by message type.", ["message"],
+            registry=self.registry,
+        )
+        self.zmq_errors = Counter(
+            "lmcache_zmq_errors", "Error replies sent over ZMQ, by error code.", ["code"],
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "lmcache_http_requests", "HTTP admin requests, by route and status.", ["route", "status"],
+            registry=self.registry,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,115 @@
+"""Starting and stopping `lmcache server`: flags, busy ports, signals, clean release of ports."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from lmcache.client import MPClient
+from lmcache.server.process import ServerProcess, free_port, lmcache_command
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*lmcache_command(), *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--l1-size-gb", "0"], "--l1-size-gb"),
+        (["--l1-size-gb", "-3"], "--l1-size-gb"),
+        (["--l1-size-gb", "lots"], "--l1-size-gb"),
+        (["--l1-size-gb", "1", "--eviction-policy", "nope"], "--eviction-policy"),
+        (["--l1-size-gb", "1", "--port", "70000"], "--port"),
+        (["--l1-size-gb", "1", "--http-port", "0"], "--http-port"),
+        (["--l1-size-gb", "1", "--port", "9000", "--http-port", "9000"], "--http-port"),
+        (["--l1-size-gb", "1", "--max-workers", "0"], "--max-workers"),
+        (["--l1-size-gb", "1", "--chunk-size", "0"], "--chunk-size"),
+        (["--l1-size-gb", "1", "--log-level", "loud"], "--log-level"),
+        ([], "--l1-size-gb"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args: list[str], flag: str) -> None:
+    out = _run("server", *args)
+    assert out.returncode == 2, out
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert flag in lines[0]
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_eviction_policy_accepts_any_case() -> None:
+    with ServerProcess(extra_args=["--eviction-policy", "lru"]) as server:
+        with MPClient("127.0.0.1", server.port) as c:
+            assert c.status()["config"]["eviction_policy"] == "LRU"
+
+
+def test_help_lists_flags_and_choices() -> None:
+    top = _run("--help")
+    assert top.returncode == 0
+    assert "server" in top.stdout and "ping" in top.stdout
+    out = _run("server", "--help")
+    assert out.returncode == 0
+    for flag in ("--l1-size-gb", "--eviction-policy", "--host", "--port", "--http-host", "--http-port",
+                 "--max-workers", "--chunk-size", "--log-level"):
+        assert flag in out.stdout
+    assert "LRU" in out.stdout
+
+
+@pytest.mark.parametrize("which", ["zmq", "http"])
+def test_busy_port_gives_a_clear_error(which: str) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        port, http_port = (busy, free_port()) if which == "zmq" else (free_port(), busy)
+        out = _run("server", "--l1-size-gb", "0.1", "--host", "127.0.0.1", "--port", str(port),
+                   "--http-host", "127.0.0.1", "--http-port", str(http_port))
+    assert out.returncode == 1
+    flag = "--port" if which == "zmq" else "--http-port"
+    assert f"port {busy} on 127.0.0.1 is already in use (change it with {flag})" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_every_log_line_has_the_spec_form() -> None:
+    with ServerProcess() as server:
+        line = server.wait_for_line("cache server is running")
+        assert line == "LMCache INFO: LMCache cache server is running..."
+        assert all(l.startswith("LMCache ") for l in server.lines), server.output()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_within_5s_and_frees_the_ports(sig: int) -> None:
+    server = ServerProcess().start()
+    with MPClient("127.0.0.1", server.port) as c:
+        c.ping()  # a live client connection must not hold the server up
+        start = time.monotonic()
+        status = server.stop(sig, timeout_s=5.0)
+        assert time.monotonic() - start < 5.0
+    assert status == 0, server.output()
+    assert "LMCache INFO: LMCache server stopped" in server.output()
+    again = ServerProcess(port=server.port, http_port=server.http_port).start()
+    try:
+        with MPClient("127.0.0.1", again.port) as c:
+            assert c.hello().chunk_size == 256
+    finally:
+        assert again.stop() == 0
+
+
+def test_client_reconnects_after_a_restart() -> None:
+    first = ServerProcess().start()
+    client = MPClient("127.0.0.1", first.port, timeout_s=5.0)
+    try:
+        first_id = client.hello().server_id
+        assert first.stop() == 0
+        second = ServerProcess(port=first.port, http_port=first.http_port).start()
+        try:
+            assert client.hello().server_id != first_id
+        finally:
+            second.stop()
+    finally:
+        client.close()
