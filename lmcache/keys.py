@@ -1,0 +1,54 @@
+"""What identifies a cached chunk: the scope it belongs to and the hash of its token prefix.
+
+A ``ChunkKey`` is (model name, world size, rank, page format, cache salt, chunk hash). The first
+five form the ``CacheScope``: the same tokens under another model, another tensor-parallel
+rank, another KV page layout or another tenant's salt are different chunks. The hash is the
+prefix-chained 128-bit hash of ``_fast.hashing``, so one hash stands for a chunk's tokens and
+every token before it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import msgspec
+import numpy as np
+
+from lmcache._fast.hashing import CHAIN_SEED, HASH_BYTES, chunk_hashes
+
+__all__ = ["CHAIN_SEED", "HASH_BYTES", "CacheScope", "ChunkKey", "chunk_keys", "prompt_hashes", "split_hashes"]
+
+
+class CacheScope(msgspec.Struct, frozen=True, array_like=True):
+    """Everything besides the tokens that decides whether two chunks are interchangeable."""
+
+    model: str
+    world_size: int = 1
+    rank: int = 0
+    page_format: str = ""  # layout, dtype, heads, head size, block size: see transfer/layouts.py
+    salt: str = ""  # the request's cache salt: isolates tenants
+
+    def for_rank(self, rank: int) -> CacheScope:
+        return msgspec.structs.replace(self, rank=rank)
+
+
+class ChunkKey(NamedTuple):
+    scope: CacheScope
+    chunk_hash: bytes
+
+
+def prompt_hashes(tokens: list[int] | np.ndarray, chunk_size: int, parent: bytes | None = None) -> bytes:
+    """The chained hashes of every full chunk, concatenated (16 bytes each); see _fast.hashing."""
+    return chunk_hashes(tokens, chunk_size, parent)
+
+
+def split_hashes(hashes: bytes) -> list[bytes]:
+    """Concatenated 16-byte hashes -> one bytes object per chunk."""
+    if len(hashes) % HASH_BYTES:
+        raise ValueError(f"hashes must be a multiple of {HASH_BYTES} bytes (got {len(hashes)})")
+    return [hashes[i : i + HASH_BYTES] for i in range(0, len(hashes), HASH_BYTES)]
+
+
+def chunk_keys(scope: CacheScope, tokens: list[int] | np.ndarray, chunk_size: int) -> list[ChunkKey]:
+    """The keys of every full chunk of a prompt; a shorter tail has none."""
+    return [ChunkKey(scope, h) for h in split_hashes(prompt_hashes(tokens, chunk_size))]

@@ -1,0 +1,1 @@
+"""Where chunks live: the L1 cache over the memory pool, and the eviction policies."""

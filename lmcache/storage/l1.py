@@ -1,0 +1,333 @@
+"""L1Cache: chunk key -> object in the memory pool, with object states, locks and eviction.
+
+An object's life::
+
+    absent --reserve--> WRITING --commit(ok)--> READY <--lock/release--> READY, read-locked (n)
+                           \\--commit(failed) or TTL--> absent
+
+- WRITING objects are being filled: lookups never see them, and a second store of the same
+  key finds the key taken, so concurrent stores write a chunk once.
+- Read locks are counted. Only READY objects without readers are in the eviction policy, so
+  nothing locked or half-written is ever evicted.
+- Every lock (write or read) expires after ``lock_ttl_s``: a client that dies cannot pin
+  memory. A lock is held through a ``LockHandle``; a handle from before an expiry is stale,
+  and releasing it does nothing.
+- ``clear()`` drops every object at once. Objects that are being copied (WRITING, or READY
+  with readers) leave the index immediately but keep their memory until the copy ends
+  (commit, release or TTL), so a slot is never reused under a running copy.
+
+One lock guards everything here; byte copies happen outside it, between reserve and commit
+(stores) or between acquire and release (retrieves).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from lmcache._fast.pool import MemoryPool, slot_size
+from lmcache.keys import CacheScope
+from lmcache.storage.eviction import Policy
+
+
+class State(enum.Enum):
+    WRITING = "writing"
+    READY = "ready"
+
+
+@dataclass(eq=False, slots=True)
+class L1Object:
+    scope: CacheScope
+    chunk_hash: bytes
+    offset: int
+    nbytes: int
+    state: State
+    readers: int = 0
+    epoch: int = 0  # bumped whenever outstanding locks stop counting (expiry, free)
+    deadline: float = 0.0  # when the current locks expire
+    detached: bool = False  # out of the index (cleared) but its memory is still under a copy
+
+
+class LockHandle(NamedTuple):
+    obj: L1Object
+    epoch: int
+
+
+class Reservation(NamedTuple):
+    """Result of ``reserve``: one handle per requested hash (None where nothing is to be written)."""
+
+    handles: list[LockHandle | None]
+    present: int  # already stored or being stored by someone else
+    skipped: int  # no room even after evicting
+
+
+@dataclass
+class L1Counters:
+    hits: int = 0  # chunks found by lookups
+    misses: int = 0  # chunks looked up and not found
+    stored: int = 0  # objects committed
+    evictions: int = 0
+    skipped_stores: int = 0
+    expired_locks: int = 0
+    failed_writes: int = 0
+
+
+class L1Cache:
+    def __init__(
+        self,
+        pool: MemoryPool,
+        new_policy: Callable[[], Policy],
+        lock_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self._new_policy = new_policy
+        self._ttl = lock_ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._index: dict[CacheScope, dict[bytes, L1Object]] = {}
+        # One policy per slot size: evicting an object of the size a store needs frees exactly
+        # the slot it needs. Other sizes are evicted only to free whole slabs.
+        self._policies: dict[int, Policy] = {}
+        self._expiries: list[tuple[float, int, LockHandle]] = []
+        self._seq = itertools.count()
+        # Figures kept as they change, so /status and /metrics never walk the index.
+        self._ready = 0  # READY objects in the index
+        self._writing = 0  # WRITING objects, detached ones included
+        self._read_locked = 0  # READY objects with readers, detached ones included
+        self._used_bytes = 0  # object bytes held, detached objects included
+        self.counters = L1Counters()
+
+    # --- stores ---------------------------------------------------------------------------
+
+    def reserve(self, scope: CacheScope, hashes: Sequence[bytes], nbytes: int) -> Reservation:
+        """Write-locks a new WRITING object of ``nbytes`` for every hash not yet present."""
+        handles: list[LockHandle | None] = []
+        present = skipped = 0
+        with self._lock:
+            now = self._expire()
+            table = self._index.setdefault(scope, {})
+            for h in hashes:
+                if h in table:
+                    present += 1
+                    handles.append(None)
+                    continue
+                offset = self._alloc(nbytes)
+                if offset < 0:
+                    skipped += 1
+                    handles.append(None)
+                    continue
+                obj = L1Object(scope, h, offset, nbytes, State.WRITING)
+                table[h] = obj
+                self._writing += 1
+                self._used_bytes += nbytes
+                handles.append(self._take_lock(obj, now))
+            self.counters.skipped_stores += skipped
+        return Reservation(handles, present, skipped)
+
+    def commit(self, handles: Sequence[LockHandle | None], ok: bool | Sequence[bool] = True) -> int:
+        """Publishes written objects (or drops them where ``ok`` is false); returns how many."""
+        oks = [ok] * len(handles) if isinstance(ok, bool) else list(ok)
+        published = 0
+        with self._lock:
+            for handle, good in zip(handles, oks):
+                if handle is None or handle.epoch != handle.obj.epoch:
+                    continue  # nothing reserved, or the write lock already expired
+                obj = handle.obj
+                assert obj.state is State.WRITING, obj.state
+                if good and not obj.detached:
+                    obj.state = State.READY
+                    obj.epoch += 1
+                    self._writing -= 1
+                    self._ready += 1
+                    self._policy(obj).add(obj)
+                    self.counters.stored += 1
+                    published += 1
+                else:
+                    self.counters.failed_writes += not good
+                    self._drop(obj)
+        return published
+
+    # --- lookups and retrieves --------------------------------------------------------------
+
+    def lookup(self, scope: CacheScope, hashes: Sequence[bytes], lock: bool = False) -> tuple[int, list[LockHandle]]:
+        """How many leading chunks are READY (never counting past the first missing one).
+
+        With ``lock``, each counted chunk is read-locked and its handle returned.
+        """
+        handles: list[LockHandle] = []
+        with self._lock:
+            now = self._expire()
+            table = self._index.get(scope)
+            count = 0
+            if table is not None:
+                for h in hashes:
+                    obj = table.get(h)
+                    if obj is None or obj.state is not State.READY:
+                        break
+                    count += 1
+                    if lock:
+                        handles.append(self._take_lock(obj, now))
+                    elif obj.readers == 0:
+                        self._policy(obj).touch(obj)
+            self.counters.hits += count
+            self.counters.misses += len(hashes) - count
+        return count, handles
+
+    def acquire(self, scope: CacheScope, hashes: Sequence[bytes]) -> list[LockHandle | None]:
+        """Read-locks each READY chunk for a retrieve; None where a chunk is not available."""
+        out: list[LockHandle | None] = []
+        with self._lock:
+            now = self._expire()
+            table = self._index.get(scope, {})
+            for h in hashes:
+                obj = table.get(h)
+                out.append(self._take_lock(obj, now) if obj is not None and obj.state is State.READY else None)
+        return out
+
+    def release(self, handles: Sequence[LockHandle | None]) -> int:
+        """Gives back read locks; stale handles are ignored. Returns how many were released."""
+        released = 0
+        with self._lock:
+            for handle in handles:
+                if handle is None or handle.epoch != handle.obj.epoch:
+                    continue
+                obj = handle.obj
+                if obj.state is not State.READY or obj.readers == 0:
+                    continue
+                obj.readers -= 1
+                released += 1
+                if obj.readers == 0:
+                    obj.epoch += 1
+                    self._read_locked -= 1
+                    if obj.detached:
+                        self._free(obj)
+                    else:
+                        self._policy(obj).add(obj)
+            self._expire()
+        return released
+
+    def view(self, obj: L1Object) -> memoryview:
+        """The object's bytes; only for the holder of one of its locks."""
+        return self.pool.view(obj.offset, obj.nbytes)
+
+    # --- admin ------------------------------------------------------------------------------
+
+    def clear(self) -> int:
+        """Drops every object; those under a copy keep their memory until the copy ends."""
+        with self._lock:
+            dropped = 0
+            for table in self._index.values():
+                for obj in table.values():
+                    dropped += 1
+                    if obj.state is State.WRITING or obj.readers:
+                        obj.detached = True
+                    else:
+                        self._free(obj)
+            self._index.clear()
+            self._ready = 0
+            for policy in self._policies.values():
+                policy.clear()
+            return dropped
+
+    def expire(self) -> None:
+        with self._lock:
+            self._expire()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            self._expire()
+            return {
+                "objects": self._ready,
+                "writing": self._writing,
+                "read_locked": self._read_locked,
+                "used_bytes": self._used_bytes,
+                **vars(self.counters),
+            }
+
+    # --- internals (lock held) --------------------------------------------------------------
+
+    def _policy(self, obj: L1Object) -> Policy:
+        slot = slot_size(obj.nbytes)
+        policy = self._policies.get(slot)
+        if policy is None:
+            policy = self._policies[slot] = self._new_policy()
+        return policy
+
+    def _take_lock(self, obj: L1Object, now: float) -> LockHandle:
+        if obj.state is State.READY:
+            if obj.readers == 0:
+                self._policy(obj).remove(obj)
+                self._read_locked += 1
+            obj.readers += 1
+        obj.deadline = max(obj.deadline, now + self._ttl)
+        handle = LockHandle(obj, obj.epoch)
+        heapq.heappush(self._expiries, (obj.deadline, next(self._seq), handle))
+        return handle
+
+    def _expire(self) -> float:
+        now = self._clock()
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, _, (obj, epoch) = heapq.heappop(heap)
+            if obj.epoch != epoch or obj.deadline > now:
+                continue  # released already, or re-locked later
+            if obj.state is State.WRITING:
+                self.counters.expired_locks += 1
+                self._drop(obj)
+            elif obj.readers:
+                self.counters.expired_locks += obj.readers
+                obj.readers = 0
+                obj.epoch += 1
+                self._read_locked -= 1
+                if obj.detached:
+                    self._free(obj)
+                else:
+                    self._policy(obj).add(obj)
+        return now
+
+    def _alloc(self, nbytes: int) -> int:
+        offset = self.pool.alloc(nbytes)
+        while offset < 0:
+            victim = self._policies.get(slot_size(nbytes))
+            victim_obj = victim.victim() if victim is not None else None
+            if victim_obj is None:
+                # Nothing of this size to evict: free objects of the size holding the most, until
+                # one of its slabs empties and can change size.
+                donor = max(self._policies.values(), key=len, default=None)
+                victim_obj = donor.victim() if donor is not None else None
+                if victim_obj is None:
+                    return -1
+            self._evict(victim_obj)
+            offset = self.pool.alloc(nbytes)
+        return offset
+
+    def _evict(self, obj: L1Object) -> None:
+        assert obj.state is State.READY and obj.readers == 0 and not obj.detached
+        del self._index[obj.scope][obj.chunk_hash]
+        self._ready -= 1
+        self._free(obj)
+        self.counters.evictions += 1
+
+    def _drop(self, obj: L1Object) -> None:
+        """Removes an object from the index (if still there) and frees it."""
+        if not obj.detached:
+            table = self._index.get(obj.scope)
+            if table is not None and table.get(obj.chunk_hash) is obj:
+                del table[obj.chunk_hash]
+        self._free(obj)
+
+    def _free(self, obj: L1Object) -> None:
+        if obj.state is State.WRITING:
+            self._writing -= 1
+        self._policy(obj).remove(obj)
+        obj.epoch += 1
+        obj.detached = True
+        self._used_bytes -= obj.nbytes
+        self.pool.free(obj.offset, obj.nbytes)

@@ -1,0 +1,167 @@
+"""L1Cache over a real pool: states, locks, TTLs, LRU eviction, salts and clearing."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcache._fast.pool import MemoryPool
+from lmcache.keys import CacheScope, prompt_hashes, split_hashes
+from lmcache.storage.eviction import LRUPolicy
+from lmcache.storage.l1 import L1Cache
+
+OBJ = 64 * 1024
+SCOPE = CacheScope("model", 1, 0, "fmt")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_l1(clock: Clock, slots: int = 8) -> L1Cache:
+    # One slab of exactly `slots` objects.
+    return L1Cache(MemoryPool(slots * OBJ, slab_bytes=slots * OBJ, prefault=False), LRUPolicy, 30.0, clock)
+
+
+def hashes(n: int, start: int = 0) -> list[bytes]:
+    return split_hashes(prompt_hashes(list(range(start, start + 16 * n)), 16))
+
+
+def store(l1: L1Cache, hs: list[bytes], scope: CacheScope = SCOPE, fill: int = 7) -> None:
+    res = l1.reserve(scope, hs, OBJ)
+    for h in res.handles:
+        if h is not None:
+            l1.view(h.obj)[:] = bytes([fill]) * OBJ
+    l1.commit(res.handles)
+
+
+def test_a_writing_object_is_invisible_and_written_once(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    hs = hashes(2)
+    res = l1.reserve(SCOPE, hs, OBJ)
+    assert res.present == 0 and res.skipped == 0
+    assert l1.lookup(SCOPE, hs) == (0, [])
+    again = l1.reserve(SCOPE, hs, OBJ)
+    assert again.handles == [None, None] and again.present == 2
+    assert l1.commit(res.handles) == 2
+    assert l1.lookup(SCOPE, hs)[0] == 2
+    assert l1.stats()["objects"] == 2 and l1.stats()["writing"] == 0
+
+
+def test_lookup_counts_leading_chunks_only(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    hs = hashes(4)
+    store(l1, [hs[0], hs[1], hs[3]])
+    assert l1.lookup(SCOPE, hs)[0] == 2
+    assert l1.lookup(SCOPE, hs[2:])[0] == 0
+
+
+def test_failed_commit_frees_the_slot(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    res = l1.reserve(SCOPE, hashes(1), OBJ)
+    assert l1.pool.allocated_bytes == OBJ
+    assert l1.commit(res.handles, ok=False) == 0
+    assert l1.pool.allocated_bytes == 0
+    assert l1.lookup(SCOPE, hashes(1))[0] == 0
+    assert l1.stats()["failed_writes"] == 1
+
+
+def test_lru_evicts_the_least_recently_used(clock: Clock) -> None:
+    l1 = make_l1(clock, slots=3)
+    a, b, c, d = hashes(4)
+    store(l1, [a, b, c])
+    l1.lookup(SCOPE, [a])  # a is now the most recent
+    store(l1, [d])
+    assert l1.lookup(SCOPE, [b])[0] == 0
+    for h in (a, c, d):
+        assert l1.lookup(SCOPE, [h])[0] == 1
+    assert l1.stats()["evictions"] == 1
+
+
+def test_read_locked_objects_are_never_evicted(clock: Clock) -> None:
+    l1 = make_l1(clock, slots=2)
+    a, b, c, d = hashes(4)
+    store(l1, [a, b])
+    count, handles = l1.lookup(SCOPE, [a], lock=True)
+    assert count == 1
+    store(l1, [c])  # evicts b, the only unlocked one
+    assert l1.lookup(SCOPE, [a])[0] == 1 and l1.lookup(SCOPE, [b])[0] == 0
+    l1.lookup(SCOPE, [c], lock=True)
+    res = l1.reserve(SCOPE, [d], OBJ)  # everything is locked: skipped, not blocked
+    assert res.skipped == 1 and res.handles == [None]
+    assert l1.stats()["skipped_stores"] == 1
+    assert l1.release(handles) == 1
+    store(l1, [d])  # a is evictable again
+    assert l1.lookup(SCOPE, [a])[0] == 0 and l1.lookup(SCOPE, [d])[0] == 1
+
+
+def test_locks_expire_after_the_ttl(clock: Clock) -> None:
+    l1 = make_l1(clock, slots=1)
+    a, b = hashes(2)
+    store(l1, [a])
+    _, handles = l1.lookup(SCOPE, [a], lock=True)
+    assert l1.reserve(SCOPE, [b], OBJ).skipped == 1
+    clock.now += 31
+    assert l1.stats()["read_locked"] == 0 and l1.stats()["expired_locks"] == 1
+    assert l1.release(handles) == 0  # stale handle: nothing happens
+    store(l1, [b])
+    assert l1.lookup(SCOPE, [b])[0] == 1
+
+
+def test_a_dead_writer_leaves_nothing_after_the_ttl(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    res = l1.reserve(SCOPE, hashes(3), OBJ)
+    clock.now += 31
+    stats = l1.stats()
+    assert stats["writing"] == 0 and stats["used_bytes"] == 0 and l1.pool.allocated_bytes == 0
+    assert l1.commit(res.handles) == 0  # too late: the handles are stale
+    assert l1.lookup(SCOPE, hashes(3))[0] == 0
+
+
+def test_salts_and_ranks_isolate(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    tenant_a = CacheScope("model", 2, 0, "fmt", salt="A")
+    store(l1, hashes(2), tenant_a)
+    assert l1.lookup(tenant_a, hashes(2))[0] == 2
+    assert l1.lookup(CacheScope("model", 2, 0, "fmt", salt="B"), hashes(2))[0] == 0
+    assert l1.lookup(tenant_a.for_rank(1), hashes(2))[0] == 0
+    assert l1.lookup(CacheScope("model", 2, 0, "other-format", salt="A"), hashes(2))[0] == 0
+
+
+def test_clear_keeps_memory_under_copies_until_they_end(clock: Clock) -> None:
+    l1 = make_l1(clock, slots=4)
+    a, b, c, d = hashes(4)
+    store(l1, [a, b])
+    read = l1.acquire(SCOPE, [a])
+    write = l1.reserve(SCOPE, [c], OBJ)
+    assert l1.clear() == 3
+    assert l1.lookup(SCOPE, [a, b])[0] == 0
+    assert l1.pool.allocated_bytes == 2 * OBJ  # a (being read) and c (being written) stay
+    # New stores get other slots, never the ones under a copy.
+    fresh = l1.reserve(SCOPE, [d], OBJ)
+    busy = {read[0].obj.offset, write.handles[0].obj.offset}
+    assert fresh.handles[0].obj.offset not in busy
+    assert l1.commit(write.handles) == 0  # cleared while written: not published
+    assert l1.release(read) == 1
+    l1.commit(fresh.handles)
+    assert l1.pool.allocated_bytes == OBJ
+    assert l1.stats()["used_bytes"] == OBJ
+
+
+def test_retrieve_locks_only_ready_chunks(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    a, b, c = hashes(3)
+    store(l1, [a], fill=1)
+    l1.reserve(SCOPE, [b], OBJ)
+    got = l1.acquire(SCOPE, [a, b, c])
+    assert got[1] is None and got[2] is None
+    assert bytes(l1.view(got[0].obj)) == b"\x01" * OBJ
+    assert l1.release(got) == 1
