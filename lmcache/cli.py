@@ -28,6 +28,10 @@ app = typer.Typer(
 )
 
 
+# Config fields whose flag is not simply the field name with dashes.
+_FLAGS = {"lock_ttl_s": "--lock-ttl"}
+
+
 def _choices(kind: type[enum.Enum]) -> str:
     return "[" + "|".join(m.value for m in kind) + "]"
 
@@ -62,6 +66,9 @@ def server(
     max_workers: Annotated[int, typer.Option("--max-workers", help="Threads that copy KV for stores and retrieves.")] = 1,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Tokens per cached chunk (a multiple of vLLM's block size).")] = 256,
     log_level: Annotated[str, typer.Option("--log-level", metavar=_choices(LogLevel), help="Logging verbosity.")] = LogLevel.INFO.value,
+    lock_ttl: Annotated[
+        float, typer.Option("--lock-ttl", help="Seconds after which a dead client's locks on cached chunks expire.")
+    ] = 60.0,
 ) -> int:
     """Run the LMCache cache server (ZMQ for vLLM, HTTP for operators) until SIGINT or SIGTERM."""
     try:
@@ -75,9 +82,10 @@ def server(
             max_workers=max_workers,
             chunk_size=chunk_size,
             log_level=log_level,
+            lock_ttl_s=lock_ttl,
         )
     except ConfigError as e:
-        raise typer.BadParameter(e.message, param_hint=f"'--{e.field.replace('_', '-')}'") from None
+        raise typer.BadParameter(e.message, param_hint=f"'{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}'") from None
     from lmcache.server.app import run_server  # keeps `lmcache --help` and `ping` light
 
     return run_server(config)

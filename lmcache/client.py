@@ -23,6 +23,7 @@ import zmq
 from lmcache import __version__
 from lmcache import protocol as p
 from lmcache.config import zmq_endpoint
+from lmcache.keys import CacheScope
 
 R = TypeVar("R", bound=p.Reply)
 
@@ -110,6 +111,24 @@ class MPClient:
 
     def clear(self, timeout: float | None = None) -> int:
         return self.call(p.Clear(), p.ClearReply, timeout).cleared_objects
+
+    def lookup(
+        self,
+        scope: CacheScope,
+        hashes: bytes,
+        all_ranks: bool = False,
+        lock: bool = False,
+        session: str = "",
+        timeout: float | None = None,
+    ) -> int:
+        """Leading chunks of ``hashes`` cached under ``scope``."""
+        return self.call(p.Lookup(scope, hashes, all_ranks, lock, session), p.LookupReply, timeout).hit_chunks
+
+    def release_locks(self, session: str, hashes: bytes = b"", timeout: float | None = None) -> int:
+        return self.call(p.ReleaseLocks(session, hashes), p.Released, timeout).locks
+
+    def end_session(self, session: str, timeout: float | None = None) -> int:
+        return self.call(p.EndSession(session), p.Released, timeout).locks
 
     # --- generic --------------------------------------------------------------------------
 

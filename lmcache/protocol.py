@@ -19,12 +19,19 @@ id   message         purpose
 2    Ping            liveness
 3    Status          the same document as HTTP ``GET /status``
 4    Clear           drop every cached object (as ``POST /clear-cache``)
+5    Lookup          leading chunks cached; optionally read-lock them
+6    ReleaseLocks    give back a session's lookup locks
+7    EndSession      forget a request: release all its locks
 100  Error           any request can get this instead of its reply
 101  HelloReply
 102  Pong
 103  StatusReply
 104  ClearReply
+105  LookupReply
+106  Released        reply to ReleaseLocks and EndSession
 ===  ==============  =================================================
+
+Chunk hashes travel as one ``bytes`` field of concatenated 16-byte hashes (see keys.py).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import enum
 from typing import Any, Union
 
 import msgspec
+
+from lmcache.keys import CacheScope
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_ID_BYTES = 64
@@ -60,6 +69,23 @@ class Status(_Message, tag=3):
 
 class Clear(_Message, tag=4):
     pass
+
+
+class Lookup(_Message, tag=5):
+    scope: CacheScope
+    hashes: bytes
+    all_ranks: bool = False  # count a chunk only if every rank of scope.world_size has it
+    lock: bool = False  # read-lock the counted chunks for `session`
+    session: str = ""
+
+
+class ReleaseLocks(_Message, tag=6):
+    session: str
+    hashes: bytes = b""  # empty: every lock the session holds
+
+
+class EndSession(_Message, tag=7):
+    session: str
 
 
 # --- replies --------------------------------------------------------------------------------
@@ -98,8 +124,16 @@ class ClearReply(_Message, tag=104):
     cleared_objects: int
 
 
-Request = Union[Hello, Ping, Status, Clear]
-Reply = Union[Error, HelloReply, Pong, StatusReply, ClearReply]
+class LookupReply(_Message, tag=105):
+    hit_chunks: int
+
+
+class Released(_Message, tag=106):
+    locks: int
+
+
+Request = Union[Hello, Ping, Status, Clear, Lookup, ReleaseLocks, EndSession]
+Reply = Union[Error, HelloReply, Pong, StatusReply, ClearReply, LookupReply, Released]
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

@@ -30,6 +30,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (["--l1-size-gb", "1", "--max-workers", "0"], "--max-workers"),
         (["--l1-size-gb", "1", "--chunk-size", "0"], "--chunk-size"),
         (["--l1-size-gb", "1", "--log-level", "loud"], "--log-level"),
+        (["--l1-size-gb", "1", "--lock-ttl", "0"], "--lock-ttl"),
         ([], "--l1-size-gb"),
     ],
 )
@@ -40,6 +41,16 @@ def test_bad_flags_exit_2_with_one_line(args: list[str], flag: str) -> None:
     assert len(lines) == 1, out.stderr
     assert flag in lines[0]
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_an_l1_larger_than_memory_is_refused_with_one_line() -> None:
+    out = _run("server", "--l1-size-gb", "100000", "--port", str(free_port()), "--http-port", str(free_port()))
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, out.stderr
+    assert "--l1-size-gb 100000 asks for 100000.0 GiB but only" in errors[0]
+    assert "GiB of memory is available" in errors[0]
+    assert "Traceback" not in out.stderr
 
 
 def test_eviction_policy_accepts_any_case() -> None:

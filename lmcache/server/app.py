@@ -38,7 +38,11 @@ def run_server(config: ServerConfig) -> int:
     """Runs until SIGINT/SIGTERM; returns the process exit status."""
     set_level(config.log_level.value)
     logger.info("Starting LMCache server %s with %s", __version__, config.as_dict())
-    engine = CacheEngine(config)
+    try:
+        engine = CacheEngine(config)
+    except (MemoryError, OSError) as e:
+        logger.error("%s", e)
+        return 2
     metrics = ServerMetrics(engine)
     try:
         zmq_server = ZmqServer(config, engine, metrics)

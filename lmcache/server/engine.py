@@ -1,8 +1,9 @@
 """CacheEngine: the one home of cache semantics.
 
 The ZMQ loop and the HTTP app are thin faces that call these methods; nothing else decides
-what is cached. This first version knows its configuration and lifecycle; the L1 store,
-lookups and transfers are added behind the same methods.
+what is cached. The engine owns the L1 cache (and its memory pool) and the sessions: the
+read locks a request's lookups took, so they can be given back together. It is safe to call
+from the ZMQ thread, worker threads and the HTTP loop at once.
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ import enum
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmcache import __version__
+from lmcache._fast.pool import MemoryPool
 from lmcache.config import ServerConfig
+from lmcache.keys import HASH_BYTES, CacheScope, split_hashes
 from lmcache.log import init_logger
+from lmcache.storage.eviction import POLICIES
+from lmcache.storage.l1 import L1Cache, LockHandle, Reservation
+from lmcache.storage.memory import check_fits
 
 logger = init_logger(__name__)
 
@@ -27,22 +35,36 @@ class EngineState(str, enum.Enum):
     STOPPED = "stopped"
 
 
-class CacheEngine:
-    """Owns the cache; safe to call from the ZMQ thread, worker threads and the HTTP loop."""
+class RequestError(ValueError):
+    """A well-formed request whose values the engine cannot accept (becomes a bad_request Error)."""
 
+
+@dataclass
+class _Session:
+    handles: list[LockHandle] = field(default_factory=list)
+    deadline: float = 0.0  # after this, every lock it holds has expired
+
+
+class CacheEngine:
     # Transfer modes this server can serve; the transfer paths extend this list.
     TRANSFER_MODES: tuple[str, ...] = ()
+    # How often idle sessions (all locks expired) are forgotten.
+    SESSION_SWEEP_S = 1.0
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, pool: MemoryPool | None = None) -> None:
         self.config = config
         self.server_id = uuid.uuid4().hex
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._state = EngineState.STARTING
-        # instance id -> registration facts; session id -> per-request state. Filled by the
-        # registration and lookup paths; reported by status() already so the shape is stable.
+        if pool is None:
+            check_fits(config.l1_size_bytes, f"--l1-size-gb {config.l1_size_gb:g}")
+            pool = MemoryPool(config.l1_size_bytes)
+        self.l1 = L1Cache(pool, POLICIES[config.eviction_policy], config.lock_ttl_s)
+        # instance id -> registration facts (filled by the registration path)
         self._engines: dict[str, dict[str, Any]] = {}
-        self._sessions: dict[str, dict[str, Any]] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._next_sweep = 0.0
         self._clears = 0
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -52,17 +74,19 @@ class CacheEngine:
             assert self._state is EngineState.STARTING, self._state
             self._state = EngineState.READY
 
-    def close(self) -> None:
-        """Releases everything the engine holds; idempotent."""
-        with self._lock:
-            self._state = EngineState.STOPPED
-            self._engines.clear()
-            self._sessions.clear()
-
     def begin_shutdown(self) -> None:
         with self._lock:
             if self._state is EngineState.READY:
                 self._state = EngineState.STOPPING
+
+    def close(self) -> None:
+        """Releases everything the engine holds (the pool's memory included); idempotent."""
+        with self._lock:
+            self._state = EngineState.STOPPED
+            self._engines.clear()
+            self._sessions.clear()
+        self.l1.clear()
+        self.l1.pool.close()
 
     def health(self) -> tuple[bool, str]:
         """(healthy, reason): what /healthcheck reports."""
@@ -71,18 +95,99 @@ class CacheEngine:
             return True, "ready"
         return False, f"engine is {state.value}"
 
-    # --- admin ----------------------------------------------------------------------------
+    # --- lookups and locks --------------------------------------------------------------------
+
+    def lookup(
+        self,
+        scope: CacheScope,
+        hashes: bytes,
+        all_ranks: bool = False,
+        lock: bool = False,
+        session: str = "",
+    ) -> int:
+        """How many leading chunks are cached (for every rank of the scope's world if asked).
+
+        With ``lock``, the counted chunks are read-locked on behalf of ``session`` until it
+        releases them, ends, or the lock TTL passes.
+        """
+        keys = self._split(hashes)
+        _check_scope(scope)
+        if lock and not session:
+            raise RequestError("a locking lookup needs a session id")
+        scopes = [scope.for_rank(r) for r in range(scope.world_size)] if all_ranks else [scope]
+        count = len(keys)
+        taken: list[list[LockHandle]] = []
+        for s in scopes:
+            count, handles = self.l1.lookup(s, keys[:count], lock)
+            taken.append(handles)
+        if lock:
+            # Ranks looked up early may have locked chunks past the final count.
+            self.l1.release([h for handles in taken for h in handles[count:]])
+            kept = [h for handles in taken for h in handles[:count]]
+            if kept:
+                with self._lock:
+                    entry = self._sessions.setdefault(session, _Session())
+                    entry.handles.extend(kept)
+                    entry.deadline = time.monotonic() + self.config.lock_ttl_s
+        self._sweep_sessions()
+        return count
+
+    def release_locks(self, session: str, hashes: bytes = b"") -> int:
+        """Gives back a session's lookup locks: all of them, or those on ``hashes``."""
+        wanted = set(self._split(hashes)) if hashes else None
+        with self._lock:
+            entry = self._sessions.get(session)
+            if entry is None:
+                return 0
+            if wanted is None:
+                mine, entry.handles = entry.handles, []
+            else:
+                mine = [h for h in entry.handles if h.obj.chunk_hash in wanted]
+                entry.handles = [h for h in entry.handles if h.obj.chunk_hash not in wanted]
+            if not entry.handles:
+                del self._sessions[session]
+        return self.l1.release(mine)
+
+    def end_session(self, session: str) -> int:
+        """Forgets a request: releases every lock it still holds."""
+        return self.release_locks(session)
+
+    # --- stores and retrieves (the transfer paths copy bytes between begin and end) -------------
+
+    def begin_store(self, scope: CacheScope, hashes: bytes, nbytes: int) -> Reservation:
+        _check_scope(scope)
+        if nbytes <= 0:
+            raise RequestError(f"object size must be positive (got {nbytes})")
+        try:
+            return self.l1.reserve(scope, self._split(hashes), nbytes)
+        except ValueError as e:  # e.g. an object larger than a slab
+            raise RequestError(str(e)) from None
+
+    def end_store(self, handles: Sequence[LockHandle | None], ok: bool | Sequence[bool] = True) -> int:
+        return self.l1.commit(handles, ok)
+
+    def begin_retrieve(self, scope: CacheScope, hashes: bytes) -> list[LockHandle | None]:
+        _check_scope(scope)
+        return self.l1.acquire(scope, self._split(hashes))
+
+    def end_retrieve(self, handles: Sequence[LockHandle | None]) -> int:
+        return self.l1.release(handles)
+
+    # --- admin ------------------------------------------------------------------------------
 
     def clear(self) -> int:
         """Drops every cached object, locked ones too; returns how many were dropped."""
+        dropped = self.l1.clear()
         with self._lock:
+            # Sessions stay: releasing their locks is what frees cleared objects under a copy.
             self._clears += 1
-        logger.info("Cleared the L1 cache (0 objects)")
-        return 0
+        logger.info("Cleared the L1 cache (%d objects)", dropped)
+        return dropped
 
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot for /status, the Status message and /metrics."""
-        capacity = self.config.l1_size_bytes
+        pool = self.l1.pool.stats()
+        l1 = self.l1.stats()
         with self._lock:
             return {
                 "server": {
@@ -93,14 +198,40 @@ class CacheEngine:
                     "transfer_modes": list(self.TRANSFER_MODES),
                 },
                 "l1": {
-                    "capacity_bytes": capacity,
-                    "used_bytes": 0,
-                    "free_bytes": capacity,
-                    "objects": 0,
+                    "capacity_bytes": pool["capacity_bytes"],
+                    "used_bytes": l1["used_bytes"],
+                    "free_bytes": pool["capacity_bytes"] - pool["allocated_bytes"],
+                    "allocated_bytes": pool["allocated_bytes"],
+                    "prefaulted_bytes": pool["prefaulted_bytes"],
+                    "slab_bytes": pool["slab_bytes"],
+                    "free_slabs": pool["free_slabs"],
                     "eviction_policy": self.config.eviction_policy.value,
                     "clears": self._clears,
+                    **{k: v for k, v in l1.items() if k != "used_bytes"},
                 },
                 "engines": [dict(e) for e in self._engines.values()],
                 "sessions": {"active": len(self._sessions)},
                 "config": self.config.as_dict(),
             }
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _split(hashes: bytes) -> list[bytes]:
+        if len(hashes) % HASH_BYTES:
+            raise RequestError(f"hashes must be whole {HASH_BYTES}-byte hashes (got {len(hashes)} bytes)")
+        return split_hashes(hashes)
+
+    def _sweep_sessions(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        with self._lock:
+            self._next_sweep = now + self.SESSION_SWEEP_S
+            for name in [n for n, s in self._sessions.items() if s.deadline <= now]:
+                del self._sessions[name]
+
+
+def _check_scope(scope: CacheScope) -> None:
+    if scope.world_size < 1 or not 0 <= scope.rank < scope.world_size:
+        raise RequestError(f"rank {scope.rank} is outside a world of size {scope.world_size}")

@@ -15,7 +15,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lmcache.server.engine import CacheEngine
@@ -40,7 +40,20 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("lmcache_l1_objects", "Objects in L1.", value=l1["objects"])
         yield GaugeMetricFamily("lmcache_registered_engines", "Registered KV caches.", value=len(status["engines"]))
         yield GaugeMetricFamily("lmcache_active_sessions", "Requests with server-side state.", value=status["sessions"]["active"])
-        yield GaugeMetricFamily("lmcache_l1_clears", "Times the cache was cleared.", value=l1["clears"])
+        yield GaugeMetricFamily("lmcache_l1_allocated_bytes", "Bytes of L1 slots handed out.", value=l1["allocated_bytes"])
+        yield GaugeMetricFamily("lmcache_l1_prefaulted_bytes", "Bytes of L1 made resident.", value=l1["prefaulted_bytes"])
+        yield GaugeMetricFamily("lmcache_l1_writing_objects", "Objects being stored.", value=l1["writing"])
+        yield GaugeMetricFamily("lmcache_l1_read_locked_objects", "Objects with read locks.", value=l1["read_locked"])
+        for name, key, text in (
+            ("lmcache_l1_hit_chunks", "hits", "Chunks found by lookups."),
+            ("lmcache_l1_miss_chunks", "misses", "Chunks looked up and not found."),
+            ("lmcache_l1_stored_chunks", "stored", "Chunks stored."),
+            ("lmcache_l1_evictions", "evictions", "Objects evicted to make room."),
+            ("lmcache_l1_skipped_stores", "skipped_stores", "Chunks not stored for lack of room."),
+            ("lmcache_l1_expired_locks", "expired_locks", "Locks dropped after their TTL."),
+            ("lmcache_l1_clears", "clears", "Times the cache was cleared."),
+        ):
+            yield CounterMetricFamily(name, text, value=l1[key])
 
 
 class ServerMetrics:

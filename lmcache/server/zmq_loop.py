@@ -18,7 +18,7 @@ from lmcache import __version__
 from lmcache import protocol as p
 from lmcache.config import ServerConfig
 from lmcache.log import init_logger
-from lmcache.server.engine import CacheEngine
+from lmcache.server.engine import CacheEngine, RequestError
 from lmcache.server.metrics import ServerMetrics
 
 logger = init_logger(__name__)
@@ -45,6 +45,9 @@ class ZmqServer:
             p.Ping: lambda _: p.Pong(),
             p.Status: lambda _: p.StatusReply(engine.status()),
             p.Clear: lambda _: p.ClearReply(engine.clear()),
+            p.Lookup: lambda r: p.LookupReply(engine.lookup(r.scope, r.hashes, r.all_ranks, r.lock, r.session)),
+            p.ReleaseLocks: lambda r: p.Released(engine.release_locks(r.session, r.hashes)),
+            p.EndSession: lambda r: p.Released(engine.end_session(r.session)),
         }
         self._request_counters = {
             cls: metrics.zmq_requests.labels(message=cls.__name__) for cls in self._handlers
@@ -137,6 +140,8 @@ class ZmqServer:
             return request_id, self._handlers[type(request)](request)
         except p.ProtocolError as e:
             reply = e.to_reply()
+        except RequestError as e:
+            reply = p.Error(p.ErrorCode.BAD_REQUEST, str(e))
         except Exception as e:  # a bug in a handler must not take the loop down
             logger.exception("Request failed")
             reply = p.Error(p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")

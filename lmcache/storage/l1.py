@@ -236,6 +236,11 @@ class L1Cache:
                 policy.clear()
             return dropped
 
+    def snapshot(self) -> list[L1Object]:
+        """Every object in the index (for checks and debugging; O(n))."""
+        with self._lock:
+            return [obj for table in self._index.values() for obj in table.values()]
+
     def expire(self) -> None:
         with self._lock:
             self._expire()

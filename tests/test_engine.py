@@ -1,0 +1,160 @@
+"""CacheEngine semantics (in-process, real pool) and its Lookup/lock messages over real ZMQ."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from lmcache import protocol as p
+from lmcache._fast.pool import MemoryPool, slot_size
+from lmcache.client import MPClient, ServerError
+from lmcache.config import ServerConfig
+from lmcache.keys import CacheScope, prompt_hashes, split_hashes
+from lmcache.server.engine import CacheEngine, RequestError
+from lmcache.storage.l1 import State
+
+OBJ = 16 * 1024
+SCOPE = CacheScope("m", world_size=2, rank=0, page_format="f")
+
+
+@pytest.fixture
+def engine():
+    config = ServerConfig(l1_size_gb=64 * OBJ / (1 << 30), port=1, http_port=2)
+    eng = CacheEngine(config, MemoryPool(64 * OBJ, slab_bytes=16 * OBJ, prefault=False))
+    eng.start()
+    yield eng
+    eng.close()
+
+
+def prompt(n_chunks: int, seed: int = 0) -> bytes:
+    return prompt_hashes(random.Random(seed).choices(range(50_000), k=16 * n_chunks), 16)
+
+
+def pattern(h: bytes, nbytes: int) -> bytes:
+    return h * (nbytes // len(h))
+
+
+def store(engine: CacheEngine, scope: CacheScope, hashes: bytes) -> int:
+    res = engine.begin_store(scope, hashes, OBJ)
+    for handle in res.handles:
+        if handle is not None:
+            engine.l1.view(handle.obj)[:] = pattern(handle.obj.chunk_hash, OBJ)
+    return engine.end_store(res.handles)
+
+
+def test_store_then_lookup_and_retrieve_bytes(engine: CacheEngine) -> None:
+    hashes = prompt(4)
+    assert engine.lookup(SCOPE, hashes) == 0
+    assert store(engine, SCOPE, hashes) == 4
+    assert engine.lookup(SCOPE, hashes) == 4
+    handles = engine.begin_retrieve(SCOPE, hashes)
+    for h, handle in zip(split_hashes(hashes), handles):
+        assert bytes(engine.l1.view(handle.obj)) == pattern(h, OBJ)
+    assert engine.end_retrieve(handles) == 4
+
+
+def test_lookup_for_all_ranks_counts_chunks_every_rank_has(engine: CacheEngine) -> None:
+    hashes = prompt(4)
+    store(engine, SCOPE, hashes)
+    store(engine, SCOPE.for_rank(1), hashes[: 2 * 16])
+    assert engine.lookup(SCOPE, hashes) == 4
+    assert engine.lookup(SCOPE, hashes, all_ranks=True) == 2
+    assert engine.lookup(SCOPE, hashes, all_ranks=True, lock=True, session="req-1") == 2
+    stats = engine.status()["l1"]
+    assert stats["read_locked"] == 4  # two chunks on each rank; nothing past the count
+    assert engine.status()["sessions"]["active"] == 1
+    assert engine.release_locks("req-1", hashes[:16]) == 2  # chunk 0 on both ranks
+    assert engine.end_session("req-1") == 2
+    assert engine.status()["l1"]["read_locked"] == 0
+    assert engine.status()["sessions"]["active"] == 0
+
+
+def test_bad_requests_are_refused(engine: CacheEngine) -> None:
+    with pytest.raises(RequestError, match="16-byte"):
+        engine.lookup(SCOPE, b"x" * 15)
+    with pytest.raises(RequestError, match="rank 2"):
+        engine.lookup(CacheScope("m", 2, 2), prompt(1))
+    with pytest.raises(RequestError, match="session"):
+        engine.lookup(SCOPE, prompt(1), lock=True)
+    with pytest.raises(RequestError, match="does not fit"):
+        engine.begin_store(SCOPE, prompt(1), 1 << 30)
+    assert engine.status()["l1"]["allocated_bytes"] == 0
+
+
+def test_concurrent_stores_lookups_and_clears_keep_bytes_and_accounting_right(engine: CacheEngine) -> None:
+    prompts = [prompt(6, seed) for seed in range(40)]  # more than fits: eviction runs too
+    errors: list[str] = []
+    stop = time.monotonic() + 2.0
+
+    def storer(seed: int) -> None:
+        rng = random.Random(seed)
+        stores = 0
+        while time.monotonic() < stop:
+            store(engine, SCOPE, rng.choice(prompts))
+            stores += 1
+            if seed == 0 and stores % 20 == 0:
+                engine.clear()  # with lookups and retrieves holding locks in other threads
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        session = f"reader-{seed}"
+        while time.monotonic() < stop:
+            hashes = rng.choice(prompts)
+            n = engine.lookup(SCOPE, hashes, lock=True, session=session)
+            handles = engine.begin_retrieve(SCOPE, hashes[: 16 * n])
+            for h, handle in zip(split_hashes(hashes[: 16 * n]), handles):
+                if handle is not None and bytes(engine.l1.view(handle.obj)) != pattern(h, OBJ):
+                    errors.append(f"wrong bytes for {h.hex()}")
+            engine.end_retrieve(handles)
+            engine.end_session(session)
+
+    threads = [threading.Thread(target=storer, args=(i,)) for i in range(3)]
+    threads += [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:5]
+    objects = engine.l1.snapshot()
+    assert all(o.state is State.READY for o in objects)
+    for obj in objects:
+        assert bytes(engine.l1.view(obj)) == pattern(obj.chunk_hash, OBJ)
+    stats = engine.status()["l1"]
+    assert stats["writing"] == 0 and stats["read_locked"] == 0
+    assert stats["objects"] == len(objects)
+    assert stats["used_bytes"] == len(objects) * OBJ
+    assert stats["allocated_bytes"] == len(objects) * slot_size(OBJ)
+    assert stats["evictions"] > 0 and stats["clears"] > 0
+
+
+# --- over ZMQ -------------------------------------------------------------------------------
+
+
+def test_lookup_and_locks_over_zmq(client: MPClient) -> None:
+    hashes = prompt(3)
+    assert client.lookup(SCOPE, hashes) == 0
+    assert client.lookup(SCOPE, hashes, all_ranks=True, lock=True, session="s") == 0
+    assert client.release_locks("s") == 0
+    assert client.end_session("s") == 0
+    status = client.status()
+    assert status["l1"]["misses"] >= 6
+
+
+@pytest.mark.parametrize(
+    ("request_", "text"),
+    [
+        (p.Lookup(SCOPE, b"short"), "16-byte"),
+        (p.Lookup(CacheScope("m", 1, 3), b""), "rank 3"),
+        (p.Lookup(SCOPE, b"", lock=True), "session"),
+        (p.ReleaseLocks("s", b"abc"), "16-byte"),
+    ],
+)
+def test_bad_lookups_get_bad_request_errors(client: MPClient, request_: p.Request, text: str) -> None:
+    with pytest.raises(ServerError) as info:
+        client.submit(request_).result()
+    assert info.value.code == p.ErrorCode.BAD_REQUEST
+    assert text in info.value.message
+    assert client.ping() == p.Pong()
