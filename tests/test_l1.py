@@ -35,6 +35,10 @@ def hashes(n: int, start: int = 0) -> list[bytes]:
     return split_hashes(prompt_hashes(list(range(start, start + 16 * n)), 16))
 
 
+def look(l1: L1Cache, scope: CacheScope, hs: list[bytes], lock: bool = False) -> tuple[int, list]:
+    return l1.lookup(scope, b"".join(hs), lock)
+
+
 def store(l1: L1Cache, hs: list[bytes], scope: CacheScope = SCOPE, fill: int = 7) -> None:
     res = l1.reserve(scope, hs, OBJ)
     for h in res.handles:
@@ -48,11 +52,11 @@ def test_a_writing_object_is_invisible_and_written_once(clock: Clock) -> None:
     hs = hashes(2)
     res = l1.reserve(SCOPE, hs, OBJ)
     assert res.present == 0 and res.skipped == 0
-    assert l1.lookup(SCOPE, hs) == (0, [])
+    assert look(l1, SCOPE, hs) == (0, [])
     again = l1.reserve(SCOPE, hs, OBJ)
     assert again.handles == [None, None] and again.present == 2
     assert l1.commit(res.handles) == 2
-    assert l1.lookup(SCOPE, hs)[0] == 2
+    assert look(l1, SCOPE, hs)[0] == 2
     assert l1.stats()["objects"] == 2 and l1.stats()["writing"] == 0
 
 
@@ -60,8 +64,8 @@ def test_lookup_counts_leading_chunks_only(clock: Clock) -> None:
     l1 = make_l1(clock)
     hs = hashes(4)
     store(l1, [hs[0], hs[1], hs[3]])
-    assert l1.lookup(SCOPE, hs)[0] == 2
-    assert l1.lookup(SCOPE, hs[2:])[0] == 0
+    assert look(l1, SCOPE, hs)[0] == 2
+    assert look(l1, SCOPE, hs[2:])[0] == 0
 
 
 def test_failed_commit_frees_the_slot(clock: Clock) -> None:
@@ -70,50 +74,61 @@ def test_failed_commit_frees_the_slot(clock: Clock) -> None:
     assert l1.pool.allocated_bytes == OBJ
     assert l1.commit(res.handles, ok=False) == 0
     assert l1.pool.allocated_bytes == 0
-    assert l1.lookup(SCOPE, hashes(1))[0] == 0
+    assert look(l1, SCOPE, hashes(1))[0] == 0
     assert l1.stats()["failed_writes"] == 1
 
 
 def test_lru_evicts_the_least_recently_used(clock: Clock) -> None:
     l1 = make_l1(clock, slots=3)
     a, b, c, d = hashes(4)
-    store(l1, [a, b, c])
-    l1.lookup(SCOPE, [a])  # a is now the most recent
+    for h in (a, b, c):  # three requests, oldest first
+        store(l1, [h])
+    l1.release(l1.acquire(SCOPE, [a]))  # a retrieve: a is now the most recent
     store(l1, [d])
-    assert l1.lookup(SCOPE, [b])[0] == 0
+    assert look(l1, SCOPE, [b])[0] == 0
     for h in (a, c, d):
-        assert l1.lookup(SCOPE, [h])[0] == 1
+        assert look(l1, SCOPE, [h])[0] == 1
     assert l1.stats()["evictions"] == 1
+
+
+def test_a_lookup_alone_does_not_reorder(clock: Clock) -> None:
+    l1 = make_l1(clock, slots=3)
+    a, b, c, d = hashes(4)
+    store(l1, [a, b, c])  # one request: earlier chunks count as more recent, so c goes first
+    assert look(l1, SCOPE, [c])[0] == 1
+    store(l1, [d])
+    assert look(l1, SCOPE, [c])[0] == 0
+    assert look(l1, SCOPE, [a, b])[0] == 2
 
 
 def test_read_locked_objects_are_never_evicted(clock: Clock) -> None:
     l1 = make_l1(clock, slots=2)
     a, b, c, d = hashes(4)
     store(l1, [a, b])
-    count, handles = l1.lookup(SCOPE, [a], lock=True)
+    count, handles = look(l1, SCOPE, [a], lock=True)
     assert count == 1
     store(l1, [c])  # evicts b, the only unlocked one
-    assert l1.lookup(SCOPE, [a])[0] == 1 and l1.lookup(SCOPE, [b])[0] == 0
-    l1.lookup(SCOPE, [c], lock=True)
+    assert look(l1, SCOPE, [a])[0] == 1 and look(l1, SCOPE, [b])[0] == 0
+    look(l1, SCOPE, [c], lock=True)
     res = l1.reserve(SCOPE, [d], OBJ)  # everything is locked: skipped, not blocked
     assert res.skipped == 1 and res.handles == [None]
     assert l1.stats()["skipped_stores"] == 1
     assert l1.release(handles) == 1
     store(l1, [d])  # a is evictable again
-    assert l1.lookup(SCOPE, [a])[0] == 0 and l1.lookup(SCOPE, [d])[0] == 1
+    assert look(l1, SCOPE, [a])[0] == 0 and look(l1, SCOPE, [d])[0] == 1
 
 
 def test_locks_expire_after_the_ttl(clock: Clock) -> None:
     l1 = make_l1(clock, slots=1)
     a, b = hashes(2)
     store(l1, [a])
-    _, handles = l1.lookup(SCOPE, [a], lock=True)
+    _, handles = look(l1, SCOPE, [a], lock=True)
     assert l1.reserve(SCOPE, [b], OBJ).skipped == 1
     clock.now += 31
     assert l1.stats()["read_locked"] == 0 and l1.stats()["expired_locks"] == 1
     assert l1.release(handles) == 0  # stale handle: nothing happens
     store(l1, [b])
-    assert l1.lookup(SCOPE, [b])[0] == 1
+    assert look(l1, SCOPE, [b])[0] == 1
 
 
 def test_a_dead_writer_leaves_nothing_after_the_ttl(clock: Clock) -> None:
@@ -123,17 +138,17 @@ def test_a_dead_writer_leaves_nothing_after_the_ttl(clock: Clock) -> None:
     stats = l1.stats()
     assert stats["writing"] == 0 and stats["used_bytes"] == 0 and l1.pool.allocated_bytes == 0
     assert l1.commit(res.handles) == 0  # too late: the handles are stale
-    assert l1.lookup(SCOPE, hashes(3))[0] == 0
+    assert look(l1, SCOPE, hashes(3))[0] == 0
 
 
 def test_salts_and_ranks_isolate(clock: Clock) -> None:
     l1 = make_l1(clock)
     tenant_a = CacheScope("model", 2, 0, "fmt", salt="A")
     store(l1, hashes(2), tenant_a)
-    assert l1.lookup(tenant_a, hashes(2))[0] == 2
-    assert l1.lookup(CacheScope("model", 2, 0, "fmt", salt="B"), hashes(2))[0] == 0
-    assert l1.lookup(tenant_a.for_rank(1), hashes(2))[0] == 0
-    assert l1.lookup(CacheScope("model", 2, 0, "other-format", salt="A"), hashes(2))[0] == 0
+    assert look(l1, tenant_a, hashes(2))[0] == 2
+    assert look(l1, CacheScope("model", 2, 0, "fmt", salt="B"), hashes(2))[0] == 0
+    assert look(l1, tenant_a.for_rank(1), hashes(2))[0] == 0
+    assert look(l1, CacheScope("model", 2, 0, "other-format", salt="A"), hashes(2))[0] == 0
 
 
 def test_clear_keeps_memory_under_copies_until_they_end(clock: Clock) -> None:
@@ -143,7 +158,7 @@ def test_clear_keeps_memory_under_copies_until_they_end(clock: Clock) -> None:
     read = l1.acquire(SCOPE, [a])
     write = l1.reserve(SCOPE, [c], OBJ)
     assert l1.clear() == 3
-    assert l1.lookup(SCOPE, [a, b])[0] == 0
+    assert look(l1, SCOPE, [a, b])[0] == 0
     assert l1.pool.allocated_bytes == 2 * OBJ  # a (being read) and c (being written) stay
     # New stores get other slots, never the ones under a copy.
     fresh = l1.reserve(SCOPE, [d], OBJ)

@@ -110,15 +110,15 @@ class CacheEngine:
         With ``lock``, the counted chunks are read-locked on behalf of ``session`` until it
         releases them, ends, or the lock TTL passes.
         """
-        keys = self._split(hashes)
+        _check_hashes(hashes)
         _check_scope(scope)
         if lock and not session:
             raise RequestError("a locking lookup needs a session id")
         scopes = [scope.for_rank(r) for r in range(scope.world_size)] if all_ranks else [scope]
-        count = len(keys)
-        taken: list[list[LockHandle]] = []
-        for s in scopes:
-            count, handles = self.l1.lookup(s, keys[:count], lock)
+        count, taken = self.l1.lookup(scopes[0], hashes, lock)
+        taken = [taken]
+        for s in scopes[1:]:
+            count, handles = self.l1.lookup(s, hashes[: count * HASH_BYTES], lock)
             taken.append(handles)
         if lock:
             # Ranks looked up early may have locked chunks past the final count.
@@ -134,7 +134,7 @@ class CacheEngine:
 
     def release_locks(self, session: str, hashes: bytes = b"") -> int:
         """Gives back a session's lookup locks: all of them, or those on ``hashes``."""
-        wanted = set(self._split(hashes)) if hashes else None
+        wanted = set(self._split(hashes)) if hashes else None  # empty: all of the session's locks
         with self._lock:
             entry = self._sessions.get(session)
             if entry is None:
@@ -218,8 +218,7 @@ class CacheEngine:
 
     @staticmethod
     def _split(hashes: bytes) -> list[bytes]:
-        if len(hashes) % HASH_BYTES:
-            raise RequestError(f"hashes must be whole {HASH_BYTES}-byte hashes (got {len(hashes)} bytes)")
+        _check_hashes(hashes)
         return split_hashes(hashes)
 
     def _sweep_sessions(self) -> None:
@@ -230,6 +229,11 @@ class CacheEngine:
             self._next_sweep = now + self.SESSION_SWEEP_S
             for name in [n for n, s in self._sessions.items() if s.deadline <= now]:
                 del self._sessions[name]
+
+
+def _check_hashes(hashes: bytes) -> None:
+    if len(hashes) % HASH_BYTES:
+        raise RequestError(f"hashes must be whole {HASH_BYTES}-byte hashes (got {len(hashes)} bytes)")
 
 
 def _check_scope(scope: CacheScope) -> None:

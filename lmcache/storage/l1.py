@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from lmcache._fast.pool import MemoryPool, slot_size
-from lmcache.keys import CacheScope
+from lmcache.keys import HASH_BYTES, CacheScope
 from lmcache.storage.eviction import Policy
 
 
@@ -136,7 +136,9 @@ class L1Cache:
         oks = [ok] * len(handles) if isinstance(ok, bool) else list(ok)
         published = 0
         with self._lock:
-            for handle, good in zip(handles, oks):
+            # Later chunks first: within a prompt, earlier chunks end up more recently used, so
+            # eviction takes tails before the prefixes they depend on.
+            for handle, good in zip(reversed(handles), reversed(oks)):
                 if handle is None or handle.epoch != handle.obj.epoch:
                     continue  # nothing reserved, or the write lock already expired
                 obj = handle.obj
@@ -156,28 +158,30 @@ class L1Cache:
 
     # --- lookups and retrieves --------------------------------------------------------------
 
-    def lookup(self, scope: CacheScope, hashes: Sequence[bytes], lock: bool = False) -> tuple[int, list[LockHandle]]:
-        """How many leading chunks are READY (never counting past the first missing one).
+    def lookup(self, scope: CacheScope, hashes: bytes, lock: bool = False) -> tuple[int, list[LockHandle]]:
+        """How many leading chunks of ``hashes`` (concatenated 16-byte hashes) are READY, never
+        counting past the first missing one. With ``lock``, each counted chunk is read-locked
+        and its handle returned.
 
-        With ``lock``, each counted chunk is read-locked and its handle returned.
+        A lookup alone is not a use: the LRU order changes when chunks are stored, retrieved,
+        or released from a lookup's lock. That keeps the lookup a pure read, which is what
+        makes it cheap.
         """
-        handles: list[LockHandle] = []
+        found: list[L1Object] = []
         with self._lock:
             now = self._expire()
             table = self._index.get(scope)
-            count = 0
             if table is not None:
-                for h in hashes:
-                    obj = table.get(h)
-                    if obj is None or obj.state is not State.READY:
+                get, ready, append = table.get, State.READY, found.append
+                for start in range(0, len(hashes), HASH_BYTES):
+                    obj = get(hashes[start : start + HASH_BYTES])
+                    if obj is None or obj.state is not ready:
                         break
-                    count += 1
-                    if lock:
-                        handles.append(self._take_lock(obj, now))
-                    elif obj.readers == 0:
-                        self._policy(obj).touch(obj)
+                    append(obj)
+            count = len(found)
             self.counters.hits += count
-            self.counters.misses += len(hashes) - count
+            self.counters.misses += len(hashes) // HASH_BYTES - count
+            handles = [self._take_lock(obj, now) for obj in found] if lock else []
         return count, handles
 
     def acquire(self, scope: CacheScope, hashes: Sequence[bytes]) -> list[LockHandle | None]:
@@ -195,7 +199,7 @@ class L1Cache:
         """Gives back read locks; stale handles are ignored. Returns how many were released."""
         released = 0
         with self._lock:
-            for handle in handles:
+            for handle in reversed(handles):  # later chunks first, as in commit()
                 if handle is None or handle.epoch != handle.obj.epoch:
                     continue
                 obj = handle.obj

@@ -1,0 +1,89 @@
+"""The cache core: a 128-chunk lookup against 200k resident objects (goal <= 15 us) and pool
+alloc+free pairs, each next to a ceiling measured in the same run.
+
+Ceilings: for the lookup, the bare loop a lookup cannot beat in Python (128 dict gets on the
+same 16-byte keys, no states, no locks); for the pool, a Python list used as a free list.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lmcache._fast.pool import MemoryPool
+from lmcache.config import ServerConfig
+from lmcache.keys import CacheScope, prompt_hashes, split_hashes
+from lmcache.server.engine import CacheEngine
+
+RESIDENT = 200_000
+OBJ = 64
+SCOPE = CacheScope("bench-model", 1, 0, "fmt")
+
+
+@pytest.fixture(scope="module")
+def full_engine():
+    pool = MemoryPool(RESIDENT * OBJ + (4 << 20), slab_bytes=2 << 20)
+    engine = CacheEngine(ServerConfig(l1_size_gb=1, port=1, http_port=2), pool)
+    engine.start()
+    rng = random.Random(0)
+    prompts = []
+    for _ in range(RESIDENT // 128):
+        hashes = prompt_hashes(rng.choices(range(100_000), k=16 * 128), 16)
+        res = engine.begin_store(SCOPE, hashes, OBJ)
+        assert res.skipped == 0
+        engine.end_store(res.handles)
+        prompts.append(hashes)
+    assert engine.status()["l1"]["objects"] >= RESIDENT - 128
+    yield engine, prompts
+    engine.close()
+
+
+@pytest.mark.benchmark(group="lookup-128-of-200k")
+def test_engine_lookup(benchmark, full_engine) -> None:
+    engine, prompts = full_engine
+    assert benchmark(engine.lookup, SCOPE, prompts[7]) == 128
+
+
+@pytest.mark.benchmark(group="lookup-128-of-200k")
+def test_bare_dict_loop_ceiling(benchmark, full_engine) -> None:
+    engine, prompts = full_engine
+    table = {o.chunk_hash: o for o in engine.l1.snapshot()}
+    hashes = prompts[7]
+
+    def bare() -> int:
+        get = table.get
+        n = 0
+        for i in range(0, len(hashes), 16):
+            if get(hashes[i : i + 16]) is None:
+                break
+            n += 1
+        return n
+
+    assert benchmark(bare) == 128
+
+
+@pytest.mark.benchmark(group="alloc-free-pair")
+def test_pool_alloc_free_pair(benchmark) -> None:
+    pool = MemoryPool(64 << 20, slab_bytes=4 << 20, prefault=False)
+    held = [pool.alloc(256 * 1024) for _ in range(100)]  # a partly used slab, as in service
+
+    def pair() -> None:
+        pool.free(pool.alloc(256 * 1024), 256 * 1024)
+
+    benchmark(pair)
+    for off in held:
+        pool.free(off, 256 * 1024)
+    assert pool.allocated_bytes == 0
+    pool.close()
+
+
+@pytest.mark.benchmark(group="alloc-free-pair")
+def test_python_free_list_ceiling(benchmark) -> None:
+    free = list(range(0, 64 << 20, 256 * 1024))
+
+    def pair() -> None:
+        free.append(free.pop())
+
+    benchmark(pair)
+    assert len(free) == 256
