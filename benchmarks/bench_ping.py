@@ -78,3 +78,22 @@ def test_ping_round_trip_vs_bare_echo(benchmark, echo_port: int) -> None:
         benchmark(client.ping)
     dealer.close(0)
     ctx.term()
+
+
+@pytest.mark.benchmark(group="start-to-first-ping")
+@pytest.mark.parametrize("l1_size_gb", [0.25, 8.0])
+def test_start_to_first_ping(benchmark, l1_size_gb: float) -> None:
+    """Seconds from spawning `lmcache server` to its first Ping answer (goal: < 1 s at any size;
+    the pool is pre-faulted in the background)."""
+    from lmcache.storage.memory import GIB, available_memory_bytes
+
+    if l1_size_gb * GIB > available_memory_bytes() / 2:
+        pytest.skip("not enough memory on this machine for this size")
+
+    def start_and_ping() -> dict:
+        with ServerProcess(l1_size_gb=l1_size_gb) as server, MPClient("127.0.0.1", server.port) as client:
+            client.ping()
+            return client.status()["l1"]
+
+    l1 = benchmark.pedantic(start_and_ping, rounds=1 if benchmark.disabled else 3)
+    assert l1["capacity_bytes"] > 0

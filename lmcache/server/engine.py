@@ -59,7 +59,7 @@ class CacheEngine:
         self._state = EngineState.STARTING
         if pool is None:
             check_fits(config.l1_size_bytes, f"--l1-size-gb {config.l1_size_gb:g}")
-            pool = MemoryPool(config.l1_size_bytes)
+            pool = MemoryPool(config.l1_size_bytes, prefault=False)  # started once serving
         self.l1 = L1Cache(pool, POLICIES[config.eviction_policy], config.lock_ttl_s)
         # instance id -> registration facts (filled by the registration path)
         self._engines: dict[str, dict[str, Any]] = {}
@@ -73,6 +73,7 @@ class CacheEngine:
         with self._lock:
             assert self._state is EngineState.STARTING, self._state
             self._state = EngineState.READY
+        self.l1.pool.start_prefault()
 
     def begin_shutdown(self) -> None:
         with self._lock:

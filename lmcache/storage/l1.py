@@ -208,12 +208,7 @@ class L1Cache:
                 obj.readers -= 1
                 released += 1
                 if obj.readers == 0:
-                    obj.epoch += 1
-                    self._read_locked -= 1
-                    if obj.detached:
-                        self._free(obj)
-                    else:
-                        self._policy(obj).add(obj)
+                    self._unlocked(obj)
             self._expire()
         return released
 
@@ -293,13 +288,17 @@ class L1Cache:
             elif obj.readers:
                 self.counters.expired_locks += obj.readers
                 obj.readers = 0
-                obj.epoch += 1
-                self._read_locked -= 1
-                if obj.detached:
-                    self._free(obj)
-                else:
-                    self._policy(obj).add(obj)
+                self._unlocked(obj)
         return now
+
+    def _unlocked(self, obj: L1Object) -> None:
+        """The last read lock went: stale handles stop counting; free it or make it evictable."""
+        obj.epoch += 1
+        self._read_locked -= 1
+        if obj.detached:
+            self._free(obj)
+        else:
+            self._policy(obj).add(obj)
 
     def _alloc(self, nbytes: int) -> int:
         offset = self.pool.alloc(nbytes)
