@@ -52,7 +52,7 @@ class ReplyFuture:
     def __init__(self, client: MPClient, request_id: bytes, deadline: float) -> None:
         self._client = client
         self._deadline = deadline
-        self._event = threading.Event()
+        self._event: threading.Event | None = None  # made only if a thread waits on another's pump
         self._reply: p.Reply | BaseException | None = None
         self._done = False
         self.request_id = request_id
@@ -60,7 +60,7 @@ class ReplyFuture:
     def done(self) -> bool:
         """True once the reply (or a failure) is in; never blocks."""
         if not self._done:
-            self._client._pump(0.0)
+            self._client._pump(block=False)
         return self._done
 
     def result(self, timeout: float | None = None) -> p.Reply:
@@ -81,7 +81,16 @@ class ReplyFuture:
     def _set(self, reply: p.Reply | BaseException) -> None:
         self._reply = reply
         self._done = True
-        self._event.set()
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def _wait_for_other_thread(self, timeout_s: float) -> None:
+        if self._event is None:
+            self._event = threading.Event()
+            if self._done:  # set between the check and the event's creation
+                return
+        self._event.wait(timeout_s)
 
 
 class MPClient:
@@ -92,6 +101,8 @@ class MPClient:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        # Waiting is a blocking recv bounded by this slice: cheaper than a poll per round trip.
+        self._sock.setsockopt(zmq.RCVTIMEO, int(_POLL_SLICE_S * 1000))
         self._sock.connect(self.endpoint)
         self._lock = threading.Lock()
         self._pending: dict[bytes, ReplyFuture] = {}
@@ -181,7 +192,7 @@ class MPClient:
     def _send_locked(self, frames: list[bytes], deadline: float) -> None:
         while True:
             try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
                 return
             except zmq.Again:  # not connected yet (IMMEDIATE) or the send queue is full
                 remaining = deadline - time.monotonic()
@@ -202,27 +213,23 @@ class MPClient:
                         f"no reply from the LMCache server at {self.endpoint} within the timeout"
                     ))
                 return
-            if not self._pump(min(remaining, _POLL_SLICE_S)):
+            if not self._pump(block=True):
                 # Another thread is driving the socket and will hand us our reply.
-                future._event.wait(min(remaining, _POLL_SLICE_S))
+                future._wait_for_other_thread(min(remaining, _POLL_SLICE_S))
 
-    def _pump(self, timeout_s: float) -> bool:
-        """Receives whatever replies arrive within ``timeout_s``; False if another thread is."""
+    def _pump(self, block: bool) -> bool:
+        """Receives one reply, waiting up to one slice for it if ``block``; returns False (doing
+        nothing) if another thread is driving the socket."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if self._closed:
-                return True
-            if self._sock.poll(timeout_s * 1000, zmq.POLLIN):
-                while True:
-                    try:
-                        frames = self._sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._deliver(frames)
-            return True
+            if not self._closed:
+                self._deliver(self._sock.recv_multipart(0 if block else zmq.NOBLOCK))
+        except zmq.Again:
+            pass
         finally:
             self._lock.release()
+        return True
 
     def _deliver(self, frames: list[bytes]) -> None:
         future = self._pending.pop(frames[0], None)

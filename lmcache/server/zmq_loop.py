@@ -98,23 +98,20 @@ class ZmqServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
-        router = self._router
+        router, wake = self._router, self._wake_rx
         while True:
-            events = dict(poller.poll())
-            if self._wake_rx in events:
-                return
-            while True:
-                try:
-                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                request_id, reply = self._handle(frames)
-                try:
-                    router.send_multipart((frames[0].bytes, request_id, p.encode(reply)), zmq.NOBLOCK)
-                except zmq.Again:
-                    logger.warning("Dropped a reply: the client is not reading its replies")
+            for sock, _ in poller.poll():
+                if sock is wake:
+                    return
+            # One message per poll: asking ZMQ whether more are queued costs more than polling.
+            frames = router.recv_multipart(zmq.NOBLOCK)  # copies: faster than Frames when small
+            request_id, reply = self._handle(frames)
+            try:
+                router.send_multipart((frames[0], request_id, p.encode(reply)), zmq.NOBLOCK)
+            except zmq.Again:
+                logger.warning("Dropped a reply: the client is not reading its replies")
 
-    def _handle(self, frames: list[zmq.Frame]) -> tuple[bytes, p.Reply]:
+    def _handle(self, frames: list[bytes]) -> tuple[bytes, p.Reply]:
         """(request id, reply) for one ROUTER message ``[identity, request id, message, *bulk]``."""
         request_id = b""
         try:
@@ -128,14 +125,14 @@ class ZmqServer:
                     p.ErrorCode.BAD_ENVELOPE,
                     f"request id is {len(frames[1])} bytes; the limit is {p.MAX_REQUEST_ID_BYTES}",
                 )
-            request_id = frames[1].bytes
-            size = sum(len(f) for f in frames[2:])
+            request_id = frames[1]
+            size = len(frames[2]) if len(frames) == 3 else sum(map(len, frames[2:]))
             if size > self._config.max_message_bytes:
                 raise p.ProtocolError(
                     p.ErrorCode.TOO_LARGE,
                     f"request is {size} bytes; the limit is {self._config.max_message_bytes}",
                 )
-            request = p.decode_request(frames[2].buffer)
+            request = p.decode_request(frames[2])
             self._request_counters[type(request)].inc()
             return request_id, self._handlers[type(request)](request)
         except p.ProtocolError as e:
