@@ -14,9 +14,12 @@ reconnects by itself when the server comes back.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
-from typing import TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import zmq
 
@@ -24,6 +27,11 @@ from lmcache import __version__
 from lmcache import protocol as p
 from lmcache.config import zmq_endpoint
 from lmcache.keys import CacheScope
+from lmcache.log import init_logger
+from lmcache.transfer.layouts import PageLayout, describe
+from lmcache.transfer.shm import migrate_to_shm
+
+logger = init_logger(__name__)
 
 R = TypeVar("R", bound=p.Reply)
 
@@ -93,6 +101,22 @@ class ReplyFuture:
         self._event.wait(timeout_s)
 
 
+@dataclass(frozen=True)
+class KVRegistration:
+    """What the server answered to a registration; the engine side keeps it to store and load."""
+
+    instance_id: str
+    model: str
+    world_size: int
+    rank: int
+    layout: PageLayout
+    page_format: str
+    blocks_per_chunk: int
+
+    def scope(self, salt: str = "") -> CacheScope:
+        return CacheScope(self.model, self.world_size, self.rank, self.page_format, salt)
+
+
 class MPClient:
     def __init__(self, host: str = "localhost", port: int = 5555, timeout_s: float = 5.0) -> None:
         self.endpoint = zmq_endpoint(host, port)
@@ -140,6 +164,58 @@ class MPClient:
 
     def end_session(self, session: str, timeout: float | None = None) -> int:
         return self.call(p.EndSession(session), p.Released, timeout).locks
+
+    # --- the engine side: registered KV caches ----------------------------------------------
+
+    def register_kv_caches(
+        self,
+        tensors: Sequence[Any],
+        model: str,
+        world_size: int = 1,
+        rank: int = 0,
+        instance_id: str | None = None,
+        kv_split: str | None = None,
+        timeout: float | None = None,
+    ) -> KVRegistration:
+        """Registers vLLM's per-layer KV tensors (CPU, engine_driven mode).
+
+        The tensors' storages move into POSIX SHM segments (the tensors keep working and keep
+        their contents) and the server maps the same pages. The segment names are unlinked once
+        the server has answered, so nothing is left behind if either side dies.
+        """
+        logger.info("Registering kv caches!")
+        layout, storages = describe(list(tensors), kv_split)
+        segments = migrate_to_shm(list(tensors), storages)
+        instance_id = instance_id or f"{os.getpid()}"
+        try:
+            reply = self.call(
+                p.RegisterKVCache(instance_id, model, world_size, rank, layout, [s.name for s in segments]),
+                p.Registered,
+                timeout,
+            )
+        finally:
+            for segment in segments:
+                segment.unlink()
+        return KVRegistration(instance_id, model, world_size, rank, layout, reply.page_format, reply.blocks_per_chunk)
+
+    def unregister_kv_caches(self, registration: KVRegistration, timeout: float | None = None) -> None:
+        self.call(p.UnregisterKVCache(registration.instance_id), p.Unregistered, timeout)
+
+    def store(
+        self, registration: KVRegistration, hashes: bytes, block_ids: Sequence[int], salt: str = "",
+        timeout: float | None = None,
+    ) -> p.StoreReply:
+        """Copies the chunks ``hashes`` from ``block_ids`` (blocks_per_chunk per chunk) into L1."""
+        request = p.Store(registration.instance_id, hashes, list(block_ids), salt)
+        return self.call(request, p.StoreReply, timeout)
+
+    def retrieve(
+        self, registration: KVRegistration, hashes: bytes, block_ids: Sequence[int], skip_blocks: int = 0,
+        salt: str = "", timeout: float | None = None,
+    ) -> int:
+        """Copies the leading cached chunks into ``block_ids``; returns how many were written."""
+        request = p.Retrieve(registration.instance_id, hashes, list(block_ids), skip_blocks, salt)
+        return self.call(request, p.RetrieveReply, timeout).retrieved
 
     # --- generic --------------------------------------------------------------------------
 

@@ -22,6 +22,10 @@ id   message         purpose
 5    Lookup          leading chunks cached; optionally read-lock them
 6    ReleaseLocks    give back a session's lookup locks
 7    EndSession      forget a request: release all its locks
+8    RegisterKVCache an engine's paged KV cache: page layout + SHM segment names
+9    UnregisterKVCache
+10   Store           copy chunks out of registered blocks into L1
+11   Retrieve        copy cached chunks into registered blocks
 100  Error           any request can get this instead of its reply
 101  HelloReply
 102  Pong
@@ -29,6 +33,10 @@ id   message         purpose
 104  ClearReply
 105  LookupReply
 106  Released        reply to ReleaseLocks and EndSession
+107  Registered
+108  Unregistered
+109  StoreReply
+110  RetrieveReply
 ===  ==============  =================================================
 
 Chunk hashes travel as one ``bytes`` field of concatenated 16-byte hashes (see keys.py).
@@ -42,6 +50,7 @@ from typing import Any, Union
 import msgspec
 
 from lmcache.keys import CacheScope
+from lmcache.transfer.layouts import PageLayout
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_ID_BYTES = 64
@@ -88,6 +97,35 @@ class EndSession(_Message, tag=7):
     session: str
 
 
+class RegisterKVCache(_Message, tag=8):
+    instance_id: str  # unique per engine worker; the server logs it as the "GPU ID"
+    model: str
+    world_size: int
+    rank: int
+    layout: PageLayout
+    segments: list[str]  # one SHM segment per storage of the layout, in order
+    mode: str = "engine_driven"
+
+
+class UnregisterKVCache(_Message, tag=9):
+    instance_id: str
+
+
+class Store(_Message, tag=10):
+    instance_id: str
+    hashes: bytes  # the chunks, 16 bytes each
+    block_ids: list[int]  # blocks_per_chunk per chunk, in order
+    salt: str = ""
+
+
+class Retrieve(_Message, tag=11):
+    instance_id: str
+    hashes: bytes
+    block_ids: list[int]
+    skip_blocks: int = 0  # leading blocks the engine already holds: not written
+    salt: str = ""
+
+
 # --- replies --------------------------------------------------------------------------------
 
 
@@ -132,8 +170,33 @@ class Released(_Message, tag=106):
     locks: int
 
 
-Request = Union[Hello, Ping, Status, Clear, Lookup, ReleaseLocks, EndSession]
-Reply = Union[Error, HelloReply, Pong, StatusReply, ClearReply, LookupReply, Released]
+class Registered(_Message, tag=107):
+    page_format: str
+    blocks_per_chunk: int
+    object_bytes: int
+
+
+class Unregistered(_Message, tag=108):
+    pass
+
+
+class StoreReply(_Message, tag=109):
+    stored: int  # chunks copied into L1 by this request
+    present: int  # already cached (or being cached by another request)
+    skipped: int  # no room in L1
+
+
+class RetrieveReply(_Message, tag=110):
+    retrieved: int  # leading chunks written into the blocks; the rest were not touched
+
+
+Request = Union[
+    Hello, Ping, Status, Clear, Lookup, ReleaseLocks, EndSession, RegisterKVCache, UnregisterKVCache, Store, Retrieve
+]
+Reply = Union[
+    Error, HelloReply, Pong, StatusReply, ClearReply, LookupReply, Released, Registered, Unregistered, StoreReply,
+    RetrieveReply,
+]
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

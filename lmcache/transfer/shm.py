@@ -1,0 +1,97 @@
+"""POSIX shared memory for KV caches: the engine side moves its KV storages into named
+segments, the server side maps them by name.
+
+Lifetime: a segment's name only has to live until the server has mapped it. The engine unlinks
+it as soon as registration is answered (or fails), so no segment outlives a crash of either
+process; both mappings stay valid after the unlink. A new registration (after a server restart)
+migrates the tensors again into a fresh segment.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lmcache.log import init_logger
+
+logger = init_logger(__name__)
+
+SEGMENT_PREFIX = "/lmcache_kv_"
+_DEV_SHM = "/dev/shm"
+_counter = itertools.count()
+
+
+class SegmentError(OSError):
+    pass
+
+
+@dataclass
+class Segment:
+    name: str
+    nbytes: int
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(_DEV_SHM + self.name)
+        except FileNotFoundError:
+            pass
+
+
+def _create(nbytes: int) -> tuple[Segment, mmap.mmap]:
+    name = f"{SEGMENT_PREFIX}{os.getpid()}_{next(_counter)}"
+    fd = os.open(_DEV_SHM + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        mm = mmap.mmap(fd, nbytes)
+    except BaseException:
+        os.unlink(_DEV_SHM + name)
+        raise
+    finally:
+        os.close(fd)
+    return Segment(name, nbytes), mm
+
+
+def migrate_to_shm(tensors: list[Any], storages: list[Any]) -> list[Segment]:
+    """Moves each storage into a new SHM segment; every tensor viewing it now views the segment.
+
+    ``storages`` are the distinct storages of ``tensors`` (as ``layouts.describe`` returns them).
+    The tensors keep their shapes, strides, offsets and contents.
+    """
+    import torch
+
+    segments = []
+    for storage in storages:
+        nbytes = storage.nbytes()
+        segment, mm = _create(nbytes)
+        fresh = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping alive
+        fresh.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        new_storage = fresh.untyped_storage()
+        for t in tensors:
+            if t.untyped_storage().data_ptr() == storage.data_ptr():
+                t.set_(new_storage, t.storage_offset(), t.size(), t.stride())
+        segments.append(segment)
+        logger.info("Migrated CPU KV cache tensor (nbytes=%d) to SHM %s", nbytes, segment.name)
+    return segments
+
+
+def map_segment(name: str, nbytes: int) -> np.ndarray:
+    """Maps an engine's segment (server side) as a writable uint8 array of exactly ``nbytes``."""
+    if not name.startswith(SEGMENT_PREFIX) or "/" in name[1:]:
+        raise SegmentError(f"{name!r} is not an LMCache KV segment name ({SEGMENT_PREFIX}<pid>_<idx>)")
+    try:
+        fd = os.open(_DEV_SHM + name, os.O_RDWR)
+    except FileNotFoundError:
+        raise SegmentError(f"SHM segment {name} does not exist") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != nbytes:
+            raise SegmentError(f"SHM segment {name} has {size} bytes, but its storage has {nbytes}")
+        mm = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=np.uint8)  # the array keeps the mapping alive
