@@ -62,6 +62,7 @@ def scatter(obj: np.ndarray, storage: np.ndarray, page_offsets: np.ndarray, page
 # --- CUDA --------------------------------------------------------------------------------------
 
 _cuda_kernels: dict[str, object] = {}
+cuda = None  # numba.cuda, once a CUDA kernel is first asked for
 
 
 def cuda_copy_pages_kernel(word_bytes: int = 1):
@@ -72,6 +73,9 @@ def cuda_copy_pages_kernel(word_bytes: int = 1):
     """
     key = f"w{word_bytes}"
     if key not in _cuda_kernels:
+        # A module global, imported on first use (the CUDA simulator swaps the kernel's global
+        # `cuda` for its own, which it cannot do for a closure variable).
+        global cuda
         from numba import cuda
 
         @cuda.jit
