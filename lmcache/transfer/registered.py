@@ -31,6 +31,9 @@ class RegisteredCache:
             np.arange(layout.num_layers * pages_per_layer, dtype=np.int64).reshape(layout.num_layers, -1)
             * layout.page_bytes
         )
+        # Load (or compile) the kernel now, at registration, rather than in the first store.
+        none = np.zeros(0, dtype=np.int64)
+        copy_pages(self.storages[0], none, self.storages[0], none, layout.page_bytes)
 
     def check_blocks(self, n_chunks: int, block_ids: Sequence[int]) -> np.ndarray:
         """The block ids as an array of shape (n_chunks, blocks_per_chunk); raises ValueError."""
