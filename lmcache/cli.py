@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich tables truncate long flag names at 80 columns
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -66,6 +67,13 @@ def server(
     max_workers: Annotated[int, typer.Option("--max-workers", help="Threads that copy KV for stores and retrieves.")] = 1,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Tokens per cached chunk (a multiple of vLLM's block size).")] = 256,
     log_level: Annotated[str, typer.Option("--log-level", metavar=_choices(LogLevel), help="Logging verbosity.")] = LogLevel.INFO.value,
+    l1_shm: Annotated[
+        bool,
+        typer.Option(
+            "--l1-shm/--no-l1-shm",
+            help="Keep L1 in POSIX shared memory so CPU engines can copy into it (lmcache_driven mode).",
+        ),
+    ] = True,
     lock_ttl: Annotated[
         float, typer.Option("--lock-ttl", help="Seconds after which a dead client's locks on cached chunks expire.")
     ] = 60.0,
@@ -83,6 +91,7 @@ def server(
             chunk_size=chunk_size,
             log_level=log_level,
             lock_ttl_s=lock_ttl,
+            l1_shm=l1_shm,
         )
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint=f"'{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}'") from None
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(e.format_message().split())
         typer.echo(f"{where}: error: {message} (see '{where} --help')", err=True)
         status = 2
-    except click_exceptions.Abort:
+    except typer.Abort:
         status = 130
     sys.exit(status if isinstance(status, int) else 0)
 

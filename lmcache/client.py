@@ -26,10 +26,11 @@ import zmq
 from lmcache import __version__
 from lmcache import protocol as p
 from lmcache.config import zmq_endpoint
-from lmcache.keys import CacheScope
+from lmcache.keys import HASH_BYTES, CacheScope
 from lmcache.log import init_logger
 from lmcache.transfer.layouts import PageLayout, describe
-from lmcache.transfer.shm import migrate_to_shm
+from lmcache.transfer.registered import RegisteredCache, storage_array
+from lmcache.transfer.shm import ARENA_PREFIX, map_segment, migrate_to_shm
 
 logger = init_logger(__name__)
 
@@ -102,6 +103,14 @@ class ReplyFuture:
 
 
 @dataclass(frozen=True)
+class _EngineCopier:
+    """lmcache_driven: this process's own pages and the server's L1 arena, mapped here."""
+
+    cache: RegisteredCache
+    arena: Any  # numpy uint8 array over the arena
+
+
+@dataclass(frozen=True)
 class KVRegistration:
     """What the server answered to a registration; the engine side keeps it to store and load."""
 
@@ -112,6 +121,8 @@ class KVRegistration:
     layout: PageLayout
     page_format: str
     blocks_per_chunk: int
+    mode: str = "engine_driven"
+    copier: _EngineCopier | None = None
 
     def scope(self, salt: str = "") -> CacheScope:
         return CacheScope(self.model, self.world_size, self.rank, self.page_format, salt)
@@ -175,28 +186,43 @@ class MPClient:
         rank: int = 0,
         instance_id: str | None = None,
         kv_split: str | None = None,
+        mode: str = "auto",
         timeout: float | None = None,
     ) -> KVRegistration:
-        """Registers vLLM's per-layer KV tensors (CPU, engine_driven mode).
+        """Registers vLLM's per-layer KV tensors (CPU tensors).
 
-        The tensors' storages move into POSIX SHM segments (the tensors keep working and keep
-        their contents) and the server maps the same pages. The segment names are unlinked once
-        the server has answered, so nothing is left behind if either side dies.
+        ``mode``: ``engine_driven`` moves the tensors' storages into POSIX SHM segments (the
+        tensors keep working and keep their contents) and the server copies pages itself; the
+        segment names are unlinked once the server has answered, so nothing is left behind if
+        either side dies. ``lmcache_driven`` keeps the tensors where they are: this process
+        copies pages into and out of the server's L1 arena, which it maps. ``auto`` picks
+        lmcache_driven when the server offers it, else engine_driven.
         """
         logger.info("Registering kv caches!")
-        layout, storages = describe(list(tensors), kv_split)
-        segments = migrate_to_shm(list(tensors), storages)
+        tensors = list(tensors)
+        if mode not in ("auto", "engine_driven", "lmcache_driven"):
+            raise ValueError(f"unknown transfer mode {mode!r} (auto, engine_driven, lmcache_driven)")
+        if mode == "auto":
+            offered = self.hello(client_name="kv-engine", timeout=timeout).transfer_modes
+            mode = "lmcache_driven" if "lmcache_driven" in offered else "engine_driven"
+        logger.info("Creating transfer context (device_type=cpu, mode=%s)", mode)
+        layout, storages = describe(tensors, kv_split)
         instance_id = instance_id or f"{os.getpid()}"
+        segments = migrate_to_shm(tensors, storages) if mode == "engine_driven" else []
         try:
-            reply = self.call(
-                p.RegisterKVCache(instance_id, model, world_size, rank, layout, [s.name for s in segments]),
-                p.Registered,
-                timeout,
-            )
+            request = p.RegisterKVCache(instance_id, model, world_size, rank, layout, [s.name for s in segments], mode)
+            reply = self.call(request, p.Registered, timeout)
         finally:
             for segment in segments:
                 segment.unlink()
-        return KVRegistration(instance_id, model, world_size, rank, layout, reply.page_format, reply.blocks_per_chunk)
+        copier = None
+        if mode == "lmcache_driven":
+            arena = map_segment(reply.l1_segment, reply.l1_bytes, prefix=ARENA_PREFIX)
+            chunk_size = reply.blocks_per_chunk * layout.block_size
+            copier = _EngineCopier(RegisteredCache(layout, [storage_array(s) for s in storages], chunk_size), arena)
+        return KVRegistration(
+            instance_id, model, world_size, rank, layout, reply.page_format, reply.blocks_per_chunk, mode, copier
+        )
 
     def unregister_kv_caches(self, registration: KVRegistration, timeout: float | None = None) -> None:
         self.call(p.UnregisterKVCache(registration.instance_id), p.Unregistered, timeout)
@@ -206,16 +232,42 @@ class MPClient:
         timeout: float | None = None,
     ) -> p.StoreReply:
         """Copies the chunks ``hashes`` from ``block_ids`` (blocks_per_chunk per chunk) into L1."""
-        request = p.Store(registration.instance_id, hashes, list(block_ids), salt)
-        return self.call(request, p.StoreReply, timeout)
+        copier = registration.copier
+        if copier is None:
+            request = p.Store(registration.instance_id, hashes, list(block_ids), salt)
+            return self.call(request, p.StoreReply, timeout)
+        blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
+        slots = self.call(p.PrepareStore(registration.instance_id, hashes, salt), p.Slots, timeout)
+        ok = [False] * len(slots.offsets)
+        try:
+            for i, offset in enumerate(slots.offsets):
+                if offset >= 0:
+                    copier.cache.gather(blocks[i], copier.arena, offset)
+                    ok[i] = True
+        finally:
+            reply = self.call(p.CommitStore(slots.ticket, ok), p.StoreReply, timeout)
+        return p.StoreReply(reply.stored, slots.present, slots.skipped)
 
     def retrieve(
         self, registration: KVRegistration, hashes: bytes, block_ids: Sequence[int], skip_blocks: int = 0,
         salt: str = "", timeout: float | None = None,
     ) -> int:
         """Copies the leading cached chunks into ``block_ids``; returns how many were written."""
-        request = p.Retrieve(registration.instance_id, hashes, list(block_ids), skip_blocks, salt)
-        return self.call(request, p.RetrieveReply, timeout).retrieved
+        copier = registration.copier
+        if copier is None:
+            request = p.Retrieve(registration.instance_id, hashes, list(block_ids), skip_blocks, salt)
+            return self.call(request, p.RetrieveReply, timeout).retrieved
+        blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
+        slots = self.call(p.PrepareRetrieve(registration.instance_id, hashes, salt), p.Slots, timeout)
+        written = 0
+        try:
+            bpc = registration.blocks_per_chunk
+            for i, offset in enumerate(slots.offsets):
+                copier.cache.scatter(copier.arena, offset, blocks[i], max(0, skip_blocks - i * bpc))
+                written += 1
+        finally:
+            self.call(p.FinishRetrieve(slots.ticket), p.Released, timeout)
+        return written
 
     # --- generic --------------------------------------------------------------------------
 

@@ -57,6 +57,9 @@ class ServerConfig:
     max_workers: int = 1
     chunk_size: int = 256
     log_level: LogLevel = LogLevel.INFO
+    # The L1 arena lives in a named POSIX SHM segment, so engines in lmcache_driven mode can map
+    # it and copy pages into it themselves. Without it only engine_driven is served.
+    l1_shm: bool = True
     # Locks (a store being written, a lookup's or retrieve's read lock) expire after this, so a
     # client that dies cannot pin memory.
     lock_ttl_s: float = 60.0

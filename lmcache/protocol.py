@@ -26,6 +26,10 @@ id   message         purpose
 9    UnregisterKVCache
 10   Store           copy chunks out of registered blocks into L1
 11   Retrieve        copy cached chunks into registered blocks
+12   PrepareStore    lmcache_driven: reserve L1 slots the engine copies chunks into
+13   CommitStore     lmcache_driven: publish (or drop) the prepared slots
+14   PrepareRetrieve lmcache_driven: read-lock the cached chunks and say where they are
+15   FinishRetrieve  lmcache_driven: the engine has copied them; release the locks
 100  Error           any request can get this instead of its reply
 101  HelloReply
 102  Pong
@@ -37,6 +41,7 @@ id   message         purpose
 108  Unregistered
 109  StoreReply
 110  RetrieveReply
+111  Slots           reply to PrepareStore and PrepareRetrieve
 ===  ==============  =================================================
 
 Chunk hashes travel as one ``bytes`` field of concatenated 16-byte hashes (see keys.py).
@@ -126,6 +131,27 @@ class Retrieve(_Message, tag=11):
     salt: str = ""
 
 
+class PrepareStore(_Message, tag=12):
+    instance_id: str
+    hashes: bytes
+    salt: str = ""
+
+
+class CommitStore(_Message, tag=13):
+    ticket: int
+    ok: list[bool]  # per offset of the Slots reply: was the copy complete
+
+
+class PrepareRetrieve(_Message, tag=14):
+    instance_id: str
+    hashes: bytes
+    salt: str = ""
+
+
+class FinishRetrieve(_Message, tag=15):
+    ticket: int
+
+
 # --- replies --------------------------------------------------------------------------------
 
 
@@ -174,6 +200,8 @@ class Registered(_Message, tag=107):
     page_format: str
     blocks_per_chunk: int
     object_bytes: int
+    l1_segment: str = ""  # lmcache_driven: the arena to map ...
+    l1_bytes: int = 0  # ... and its size
 
 
 class Unregistered(_Message, tag=108):
@@ -190,12 +218,20 @@ class RetrieveReply(_Message, tag=110):
     retrieved: int  # leading chunks written into the blocks; the rest were not touched
 
 
+class Slots(_Message, tag=111):
+    ticket: int  # names the locks until CommitStore / FinishRetrieve (or the lock TTL)
+    offsets: list[int]  # arena offset per chunk; -1: nothing to copy for it (store only)
+    present: int = 0
+    skipped: int = 0
+
+
 Request = Union[
-    Hello, Ping, Status, Clear, Lookup, ReleaseLocks, EndSession, RegisterKVCache, UnregisterKVCache, Store, Retrieve
+    Hello, Ping, Status, Clear, Lookup, ReleaseLocks, EndSession, RegisterKVCache, UnregisterKVCache, Store, Retrieve,
+    PrepareStore, CommitStore, PrepareRetrieve, FinishRetrieve,
 ]
 Reply = Union[
     Error, HelloReply, Pong, StatusReply, ClearReply, LookupReply, Released, Registered, Unregistered, StoreReply,
-    RetrieveReply,
+    RetrieveReply, Slots,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

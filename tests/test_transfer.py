@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -41,17 +42,25 @@ def hashes_for(n_chunks: int, seed: int) -> bytes:
     return prompt_hashes(random.Random(seed).choices(range(30_000), k=CHUNK * n_chunks), CHUNK)
 
 
-CASES = [(layout, "bfloat16") for layout in LAYOUTS] + [
-    ("LBNHC", "float16"), ("LBHNC", "float32"), ("LBNHC", "float8_e4m3fn"), ("flash_attn", "float8_e5m2"),
-    ("BLHNC", "float16"),
+CASES = [(layout, "bfloat16", "engine_driven") for layout in LAYOUTS] + [
+    ("LBNHC", "float16", "engine_driven"), ("LBHNC", "float32", "engine_driven"),
+    ("LBNHC", "float8_e4m3fn", "engine_driven"), ("flash_attn", "float8_e5m2", "engine_driven"),
+    ("BLHNC", "float16", "engine_driven"),
+    ("LBHNC", "bfloat16", "lmcache_driven"), ("LBNHC", "float8_e4m3fn", "lmcache_driven"),
+    ("BLNHC", "float32", "lmcache_driven"), ("flash_attn", "float16", "lmcache_driven"),
+    ("flashinfer", "bfloat16", "lmcache_driven"), ("MLA", "bfloat16", "lmcache_driven"),
+    ("MLA3", "float16", "lmcache_driven"),
 ]
 
 
-@pytest.mark.parametrize(("layout", "dtype"), CASES)
-def test_round_trip_is_byte_exact(kv_client: MPClient, layout: str, dtype: str) -> None:
+@pytest.mark.parametrize(("layout", "dtype", "mode"), CASES)
+def test_round_trip_is_byte_exact(kv_client: MPClient, layout: str, dtype: str, mode: str) -> None:
     kv = make_kv(layout, dtype)
     fill(kv, layout, seed=hash((layout, dtype)) % 100)
-    reg = kv_client.register_kv_caches(kv, model=f"model-{layout}-{dtype}", instance_id=f"{os.getpid()}-{layout}-{dtype}")
+    reg = kv_client.register_kv_caches(
+        kv, model=f"model-{layout}-{dtype}-{mode}", instance_id=f"{os.getpid()}-{layout}-{dtype}-{mode}", mode=mode
+    )
+    assert reg.mode == mode
     assert not any(name.startswith(f"lmcache_kv_{os.getpid()}_") for name in os.listdir("/dev/shm"))
     expected = [[block_bytes(t, layout, b) for b in range(32)] for t in kv]
     rng = random.Random(1)
@@ -82,10 +91,11 @@ def test_round_trip_is_byte_exact(kv_client: MPClient, layout: str, dtype: str) 
     kv_client.unregister_kv_caches(reg)
 
 
-def test_a_second_store_of_the_same_chunks_writes_nothing(kv_client: MPClient) -> None:
+@pytest.mark.parametrize("mode", ["engine_driven", "lmcache_driven"])
+def test_a_second_store_of_the_same_chunks_writes_nothing(kv_client: MPClient, mode: str) -> None:
     kv = make_kv("LBHNC", "bfloat16")
     fill(kv, "LBHNC")
-    reg = kv_client.register_kv_caches(kv, model="dedupe", instance_id="dedupe")
+    reg = kv_client.register_kv_caches(kv, model=f"dedupe-{mode}", instance_id=f"dedupe-{mode}", mode=mode)
     hashes = hashes_for(2, seed=5)
     assert kv_client.store(reg, hashes, range(8)).stored == 2
     again = kv_client.store(reg, hashes, range(8, 16))
@@ -108,10 +118,11 @@ def test_chunks_never_cross_page_formats_or_salts(kv_client: MPClient) -> None:
     assert kv_client.retrieve(reg_a, hashes, range(8, 16), salt="tenant-2") == 0
 
 
-def test_retrieve_stops_at_the_first_missing_chunk(kv_client: MPClient) -> None:
+@pytest.mark.parametrize("mode", ["engine_driven", "lmcache_driven"])
+def test_retrieve_stops_at_the_first_missing_chunk(kv_client: MPClient, mode: str) -> None:
     kv = make_kv("LBNHC", "float16")
     fill(kv, "LBNHC")
-    reg = kv_client.register_kv_caches(kv, model="gaps", instance_id="gaps")
+    reg = kv_client.register_kv_caches(kv, model=f"gaps-{mode}", instance_id=f"gaps-{mode}", mode=mode)
     hashes = hashes_for(3, seed=11)
     kv_client.store(reg, hashes[:16], range(4))  # only chunk 0
     for t in kv:
@@ -133,7 +144,7 @@ def test_retrieve_stops_at_the_first_missing_chunk(kv_client: MPClient) -> None:
 )
 def test_bad_requests_get_errors_and_change_nothing(kv_client: MPClient, make_request, text: str) -> None:
     kv = make_kv("LBNHC", "bfloat16")
-    reg = kv_client.register_kv_caches(kv, model="bad", instance_id="bad")
+    reg = kv_client.register_kv_caches(kv, model="bad", instance_id="bad", mode="engine_driven")
     hashes = hashes_for(1, seed=13)
     with pytest.raises(ServerError) as info:
         kv_client.submit(make_request(reg, hashes)).result()
@@ -145,7 +156,7 @@ def test_bad_requests_get_errors_and_change_nothing(kv_client: MPClient, make_re
 
 def _register_raw(client: MPClient, layout, segments: list[str]) -> ServerError:
     with pytest.raises(ServerError) as info:
-        client.call(p.RegisterKVCache("raw", "m", 1, 0, layout, segments), p.Registered)
+        client.call(p.RegisterKVCache("raw", "m", 1, 0, layout, segments, "engine_driven"), p.Registered)
     return info.value
 
 
@@ -153,7 +164,7 @@ def test_bad_registrations_are_refused_clearly(kv_client: MPClient) -> None:
     kv = make_kv("LBNHC", "bfloat16")
     layout, _ = describe(kv)
     assert "does not exist" in _register_raw(kv_client, layout, ["/lmcache_kv_0_999999"]).message
-    assert "not an LMCache KV segment" in _register_raw(kv_client, layout, ["/etc/passwd"]).message
+    assert "not an LMCache segment name" in _register_raw(kv_client, layout, ["/etc/passwd"]).message
     assert "segments were named" in _register_raw(kv_client, layout, []).message
     # a segment of the wrong size
     name = f"/lmcache_kv_{os.getpid()}_wrongsize"
@@ -167,7 +178,7 @@ def test_bad_registrations_are_refused_clearly(kv_client: MPClient) -> None:
     odd = make_kv("LBNHC", "bfloat16", KVShape(block_size=48))
     reg_error = pytest.raises(ServerError)
     with reg_error as info:
-        kv_client.register_kv_caches(odd, model="m", instance_id="odd")
+        kv_client.register_kv_caches(odd, model="m", instance_id="odd", mode="engine_driven")
     assert "not a multiple of the engine's block size 48" in info.value.message
     assert kv_client.ping() == p.Pong()
 
@@ -197,3 +208,43 @@ def test_layout_facts() -> None:
     assert bl.page_format == describe(make_kv("LBNHC", "bfloat16"))[0].page_format
     offsets = layout.page_offsets(np.array([3, 1]))
     assert offsets.shape == (2, 2) and offsets[0, 0] == 3 * layout.page_bytes
+
+
+def test_auto_mode_picks_lmcache_driven_when_the_server_offers_it(kv_client: MPClient) -> None:
+    assert "lmcache_driven" in kv_client.hello().transfer_modes
+    reg = kv_client.register_kv_caches(make_kv("LBHNC", "bfloat16"), model="auto", instance_id="auto")
+    assert reg.mode == "lmcache_driven"
+
+
+def test_without_an_shm_arena_only_engine_driven_is_served() -> None:
+    with ServerProcess(extra_args=["--chunk-size", str(CHUNK), "--no-l1-shm"]) as server, \
+            MPClient("127.0.0.1", server.port) as client:
+        assert client.hello().transfer_modes == ["engine_driven"]
+        kv = make_kv("LBHNC", "bfloat16")
+        with pytest.raises(ServerError, match="not served here"):
+            client.register_kv_caches(kv, model="m", instance_id="x", mode="lmcache_driven")
+        assert client.register_kv_caches(kv, model="m", instance_id="y").mode == "engine_driven"
+        assert not any(n.startswith("lmcache_l1_") for n in os.listdir("/dev/shm") if n.endswith(str(server.proc.pid)))
+
+
+def test_a_prepared_store_never_committed_leaves_nothing_after_the_ttl() -> None:
+    with ServerProcess(extra_args=["--chunk-size", str(CHUNK), "--lock-ttl", "0.5"]) as server, \
+            MPClient("127.0.0.1", server.port) as client:
+        kv = make_kv("LBHNC", "bfloat16")
+        reg = client.register_kv_caches(kv, model="m", instance_id="dies", mode="lmcache_driven")
+        hashes = hashes_for(2, seed=21)
+        slots = client.call(p.PrepareStore(reg.instance_id, hashes), p.Slots)
+        assert all(offset >= 0 for offset in slots.offsets)
+        assert client.status()["l1"]["writing"] == 2
+        assert client.lookup(reg.scope(), hashes) == 0  # being written: invisible
+        deadline = time.monotonic() + 30
+        while client.status()["l1"]["writing"]:
+            assert time.monotonic() < deadline, "the write locks never expired"
+        l1 = client.status()["l1"]
+        assert (l1["objects"], l1["used_bytes"], l1["allocated_bytes"]) == (0, 0, 0)
+        late = client.submit(p.CommitStore(slots.ticket, [True, True]))
+        try:
+            assert late.result().stored == 0
+        except ServerError as e:
+            assert "expired" in e.message
+        assert client.lookup(reg.scope(), hashes) == 0

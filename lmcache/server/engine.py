@@ -9,6 +9,7 @@ from the ZMQ thread, worker threads and the HTTP loop at once.
 from __future__ import annotations
 
 import enum
+import itertools
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from lmcache.storage.l1 import L1Cache, LockHandle, Reservation
 from lmcache.storage.memory import check_fits
 from lmcache.transfer.layouts import LayoutError, PageLayout
 from lmcache.transfer.registered import RegisteredCache
-from lmcache.transfer.shm import SegmentError, map_segment
+from lmcache.transfer.shm import SegmentError, arena_name, map_segment, remove_stale_arenas
 
 logger = init_logger(__name__)
 
@@ -50,26 +51,42 @@ class _Registration:
     model: str
     world_size: int
     rank: int
-    cache: RegisteredCache
-    page_format: str
+    layout: PageLayout
+    mode: str
+    blocks_per_chunk: int
+    object_bytes: int
+    cache: RegisteredCache | None  # engine_driven: the mapped storages and page copies
     segments: list[str]
+
+    @property
+    def page_format(self) -> str:
+        return self.layout.page_format
 
     def scope(self, salt: str) -> CacheScope:
         return CacheScope(self.model, self.world_size, self.rank, self.page_format, salt)
 
     def describe(self) -> dict[str, Any]:
-        layout = self.cache.layout
         return {
             "instance_id": self.instance_id,
             "model": self.model,
             "world_size": self.world_size,
             "rank": self.rank,
+            "mode": self.mode,
             "page_format": self.page_format,
-            "layers": layout.num_layers,
-            "blocks": layout.num_blocks,
-            "object_bytes": self.cache.object_bytes,
+            "layers": self.layout.num_layers,
+            "blocks": self.layout.num_blocks,
+            "object_bytes": self.object_bytes,
             "segments": self.segments,
         }
+
+
+@dataclass
+class _Ticket:
+    kind: str  # "store" or "retrieve"
+    registration: _Registration
+    handles: list[LockHandle | None]
+    created: float = field(default_factory=time.monotonic)
+    start: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -79,8 +96,6 @@ class _Session:
 
 
 class CacheEngine:
-    # Transfer modes this server can serve.
-    TRANSFER_MODES: tuple[str, ...] = ("engine_driven",)
     # How often idle sessions (all locks expired) are forgotten.
     SESSION_SWEEP_S = 1.0
 
@@ -91,12 +106,20 @@ class CacheEngine:
         self._lock = threading.Lock()
         self._state = EngineState.STARTING
         if pool is None:
-            check_fits(config.l1_size_bytes, f"--l1-size-gb {config.l1_size_gb:g}")
-            pool = MemoryPool(config.l1_size_bytes, prefault=False)  # started once serving
+            check_fits(config.l1_size_bytes, f"--l1-size-gb {config.l1_size_gb:g}", shm=config.l1_shm)
+            shm_name = None
+            if config.l1_shm:
+                remove_stale_arenas()
+                shm_name = arena_name()
+            pool = MemoryPool(config.l1_size_bytes, shm_name=shm_name, prefault=False)  # faulted once serving
+        # lmcache_driven needs an arena that engines can map.
+        self.transfer_modes = ("engine_driven", "lmcache_driven") if pool.shm_name else ("engine_driven",)
         self.l1 = L1Cache(pool, POLICIES[config.eviction_policy], config.lock_ttl_s)
         self._arena = np.frombuffer(pool, dtype=np.uint8)  # what the kernels copy into and out of
         self._engines: dict[str, _Registration] = {}
         self._sessions: dict[str, _Session] = {}
+        self._tickets: dict[int, _Ticket] = {}  # lmcache_driven copies in progress
+        self._ticket_numbers = itertools.count(1)
         self._next_sweep = 0.0
         self._clears = 0
 
@@ -192,25 +215,36 @@ class CacheEngine:
     def register_kv_cache(
         self, instance_id: str, model: str, world_size: int, rank: int, layout: PageLayout, segments: Sequence[str], mode: str
     ) -> _Registration:
-        """Maps an engine's KV storages and remembers how to copy its pages; replaces an earlier
-        registration of the same instance (an engine that restarted)."""
-        if mode not in self.TRANSFER_MODES:
-            raise RequestError(f"transfer mode {mode!r} is not served here (served: {', '.join(self.TRANSFER_MODES)})")
+        """Registers an engine's KV cache; replaces an earlier registration of the same instance
+        (an engine that restarted). In engine_driven mode the server maps the engine's storage
+        segments and copies pages itself; in lmcache_driven mode the engine copies, and the
+        server only needs the page format and the chunk size."""
+        if mode not in self.transfer_modes:
+            served = ", ".join(self.transfer_modes)
+            raise RequestError(f"transfer mode {mode!r} is not served here (served: {served})")
         _check_scope(CacheScope(model, world_size, rank))
         try:
             layout.validate()
-            if len(segments) != len(layout.storage_bytes):
-                raise LayoutError(f"the layout has {len(layout.storage_bytes)} storages but {len(segments)} segments were named")
-            storages = [map_segment(name, size) for name, size in zip(segments, layout.storage_bytes)]
-            cache = RegisteredCache(layout, storages, self.config.chunk_size)
+            blocks_per_chunk = layout.blocks_per_chunk(self.config.chunk_size)
+            cache = None
+            if mode == "engine_driven":
+                if len(segments) != len(layout.storage_bytes):
+                    raise LayoutError(
+                        f"the layout has {len(layout.storage_bytes)} storages but {len(segments)} segments were named"
+                    )
+                storages = [map_segment(name, size) for name, size in zip(segments, layout.storage_bytes)]
+                cache = RegisteredCache(layout, storages, self.config.chunk_size)
         except (LayoutError, SegmentError, ValueError) as e:
             raise RequestError(f"cannot register KV cache of {instance_id}: {e}") from None
-        if cache.object_bytes > self.l1.pool.slab_bytes:
+        object_bytes = layout.object_bytes(self.config.chunk_size)
+        if object_bytes > self.l1.pool.slab_bytes:
             raise RequestError(
-                f"a chunk of this model is {cache.object_bytes} bytes, more than the L1 pool's slab of "
+                f"a chunk of this model is {object_bytes} bytes, more than the L1 pool's slab of "
                 f"{self.l1.pool.slab_bytes} bytes; use a smaller --chunk-size or a larger --l1-size-gb"
             )
-        registration = _Registration(instance_id, model, world_size, rank, cache, layout.page_format, list(segments))
+        registration = _Registration(
+            instance_id, model, world_size, rank, layout, mode, blocks_per_chunk, object_bytes, cache, list(segments)
+        )
         with self._lock:
             self._engines[instance_id] = registration
         logger.info("Registered KV cache for GPU ID %s with %d layers", instance_id, layout.num_layers)
@@ -234,7 +268,7 @@ class CacheEngine:
         n = len(hashes) // HASH_BYTES
         blocks = self._blocks(reg, n, block_ids)
         start = time.perf_counter()
-        res = self.l1.reserve(reg.scope(salt), split_hashes(hashes), reg.cache.object_bytes)
+        res = self.l1.reserve(reg.scope(salt), split_hashes(hashes), reg.object_bytes)
         ok = [False] * n
         try:
             for i, handle in enumerate(res.handles):
@@ -266,7 +300,7 @@ class CacheEngine:
         handles = self.l1.acquire(reg.scope(salt), split_hashes(hashes))
         written = 0
         try:
-            bpc = reg.cache.blocks_per_chunk
+            bpc = reg.blocks_per_chunk
             for i, handle in enumerate(handles):
                 if handle is None:
                     break
@@ -287,10 +321,66 @@ class CacheEngine:
 
     @staticmethod
     def _blocks(reg: _Registration, n_chunks: int, block_ids: Sequence[int]) -> np.ndarray:
+        if reg.cache is None:
+            raise RequestError(f"{reg.instance_id} registered in {reg.mode} mode: it copies its own pages")
         try:
             return reg.cache.check_blocks(n_chunks, block_ids)
         except ValueError as e:
             raise RequestError(str(e)) from None
+
+    # --- lmcache_driven: the engine copies, between a prepare and a commit/finish -------------
+
+    def prepare_store(self, instance_id: str, hashes: bytes, salt: str = "") -> tuple[int, list[int], int, int]:
+        """Reserves slots for the chunks not cached yet: (ticket, offsets (-1: none), present, skipped)."""
+        reg = self._registration(instance_id)
+        _check_hashes(hashes)
+        res = self.l1.reserve(reg.scope(salt), split_hashes(hashes), reg.object_bytes)
+        offsets = [h.obj.offset if h is not None else -1 for h in res.handles]
+        return self._ticket(_Ticket("store", reg, res.handles)), offsets, res.present, res.skipped
+
+    def commit_store(self, ticket: int, ok: Sequence[bool]) -> tuple[int, int, int]:
+        """Publishes the prepared chunks whose copy completed: (stored, present, skipped)."""
+        t = self._take_ticket(ticket, "store")
+        if len(ok) != len(t.handles):
+            self.l1.commit(t.handles, False)
+            raise RequestError(f"ticket {ticket} has {len(t.handles)} chunks, {len(ok)} results were sent")
+        stored = self.l1.commit(t.handles, [bool(x) for x in ok])
+        if stored:
+            logger.info("Stored %d tokens in %.3f seconds", stored * self.config.chunk_size, time.perf_counter() - t.start)
+        return stored, 0, 0
+
+    def prepare_retrieve(self, instance_id: str, hashes: bytes, salt: str = "") -> tuple[int, list[int]]:
+        """Read-locks the leading cached chunks: (ticket, their offsets in the arena)."""
+        reg = self._registration(instance_id)
+        _check_hashes(hashes)
+        handles = self.l1.acquire(reg.scope(salt), split_hashes(hashes))
+        leading = next((i for i, h in enumerate(handles) if h is None), len(handles))
+        self.l1.release(handles[leading:])
+        kept = handles[:leading]
+        return self._ticket(_Ticket("retrieve", reg, kept)), [h.obj.offset for h in kept]
+
+    def finish_retrieve(self, ticket: int) -> int:
+        t = self._take_ticket(ticket, "retrieve")
+        released = self.l1.release(t.handles)
+        if t.handles:
+            tokens = len(t.handles) * self.config.chunk_size
+            logger.info("Retrieved %d tokens in %.3f seconds", tokens, time.perf_counter() - t.start)
+        return released
+
+    def _ticket(self, ticket: _Ticket) -> int:
+        with self._lock:
+            number = next(self._ticket_numbers)
+            self._tickets[number] = ticket
+        self._sweep_sessions()
+        return number
+
+    def _take_ticket(self, number: int, kind: str) -> _Ticket:
+        with self._lock:
+            ticket = self._tickets.get(number)
+            if ticket is None or ticket.kind != kind:
+                raise RequestError(f"unknown or expired {kind} ticket {number}")
+            del self._tickets[number]
+        return ticket
 
     # --- stores and retrieves by hand (lmcache_driven copies bytes between begin and end) -------
 
@@ -335,7 +425,7 @@ class CacheEngine:
                     "server_id": self.server_id,
                     "state": self._state.value,
                     "uptime_seconds": round(time.monotonic() - self._started, 3),
-                    "transfer_modes": list(self.TRANSFER_MODES),
+                    "transfer_modes": list(self.transfer_modes),
                 },
                 "l1": {
                     "capacity_bytes": pool["capacity_bytes"],
@@ -369,6 +459,10 @@ class CacheEngine:
             self._next_sweep = now + self.SESSION_SWEEP_S
             for name in [n for n, s in self._sessions.items() if s.deadline <= now]:
                 del self._sessions[name]
+            # A ticket outlives its locks only if its engine died: its locks expired already.
+            stale = now - self.config.lock_ttl_s
+            for number in [n for n, t in self._tickets.items() if t.created <= stale]:
+                del self._tickets[number]
 
 
 def _check_hashes(hashes: bytes) -> None:

@@ -59,6 +59,12 @@ class ZmqServer:
                 engine.retrieve(r.instance_id, r.hashes, r.block_ids, r.skip_blocks, r.salt)
             ),
         }
+        self._handlers.update({
+            p.PrepareStore: self._prepare_store,
+            p.CommitStore: lambda r: p.StoreReply(*engine.commit_store(r.ticket, r.ok)),
+            p.PrepareRetrieve: lambda r: p.Slots(*engine.prepare_retrieve(r.instance_id, r.hashes, r.salt)),
+            p.FinishRetrieve: lambda r: p.Released(engine.finish_retrieve(r.ticket)),
+        })
         self._slow = {p.Store, p.Retrieve}
         self._workers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="lmcache-worker")
         self._outbox: queue.SimpleQueue[tuple[bytes, bytes, bytes]] = queue.SimpleQueue()
@@ -205,7 +211,13 @@ class ZmqServer:
 
     def _register(self, r: p.RegisterKVCache) -> p.Registered:
         reg = self._engine.register_kv_cache(r.instance_id, r.model, r.world_size, r.rank, r.layout, r.segments, r.mode)
-        return p.Registered(reg.page_format, reg.cache.blocks_per_chunk, reg.cache.object_bytes)
+        pool = self._engine.l1.pool
+        arena = (pool.shm_name, pool.size) if reg.mode == "lmcache_driven" else ("", 0)
+        return p.Registered(reg.page_format, reg.blocks_per_chunk, reg.object_bytes, *arena)
+
+    def _prepare_store(self, r: p.PrepareStore) -> p.Slots:
+        ticket, offsets, present, skipped = self._engine.prepare_store(r.instance_id, r.hashes, r.salt)
+        return p.Slots(ticket, offsets, present, skipped)
 
     def _unregister(self, r: p.UnregisterKVCache) -> p.Unregistered:
         self._engine.unregister_kv_cache(r.instance_id)
@@ -219,5 +231,5 @@ class ZmqServer:
             protocol_version=p.PROTOCOL_VERSION,
             server_id=self._engine.server_id,
             chunk_size=self._config.chunk_size,
-            transfer_modes=list(self._engine.TRANSFER_MODES),
+            transfer_modes=list(self._engine.transfer_modes),
         )

@@ -21,12 +21,22 @@ def available_memory_bytes() -> int:
     return min(available, cgroup) if cgroup is not None else available
 
 
-def check_fits(nbytes: int, what: str) -> None:
+def shm_free_bytes() -> int:
+    stat = os.statvfs("/dev/shm")
+    return stat.f_bavail * stat.f_frsize
+
+
+def check_fits(nbytes: int, what: str, shm: bool = False) -> None:
     available = available_memory_bytes()
     if nbytes + HEADROOM_BYTES > available:
         raise InsufficientMemoryError(
             f"{what} asks for {nbytes / GIB:.1f} GiB but only {available / GIB:.1f} GiB of memory "
             f"is available on this machine; use a smaller size"
+        )
+    if shm and nbytes > (free := shm_free_bytes()):
+        raise InsufficientMemoryError(
+            f"{what} asks for {nbytes / GIB:.1f} GiB but /dev/shm has only {free / GIB:.1f} GiB free; "
+            f"enlarge /dev/shm (docker: --ipc host or --shm-size) or start with --no-l1-shm"
         )
 
 

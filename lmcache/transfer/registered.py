@@ -1,5 +1,6 @@
-"""A registered KV cache on the server side: its page layout over the mapped storages, and the
-page copies between its blocks and chunk objects in the L1 arena. Moves bytes; decides nothing."""
+"""A registered KV cache: its page layout over its storages, and the page copies between its
+blocks and chunk objects in the L1 arena. Moves bytes; decides nothing. The server uses it over
+mapped engine segments (engine_driven); an engine uses it over its own tensors (lmcache_driven)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import numpy as np
 
 from lmcache._fast.kernels import copy_pages
 from lmcache.transfer.layouts import PageLayout
+
+
+def storage_array(storage) -> np.ndarray:
+    """A torch storage's bytes as a writable numpy uint8 array (no copy)."""
+    import torch
+
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
 
 
 class RegisteredCache:

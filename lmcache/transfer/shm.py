@@ -21,7 +21,8 @@ from lmcache.log import init_logger
 
 logger = init_logger(__name__)
 
-SEGMENT_PREFIX = "/lmcache_kv_"
+SEGMENT_PREFIX = "/lmcache_kv_"  # an engine's KV storage
+ARENA_PREFIX = "/lmcache_l1_"  # a server's L1 arena
 _DEV_SHM = "/dev/shm"
 _counter = itertools.count()
 
@@ -79,10 +80,35 @@ def migrate_to_shm(tensors: list[Any], storages: list[Any]) -> list[Segment]:
     return segments
 
 
-def map_segment(name: str, nbytes: int) -> np.ndarray:
-    """Maps an engine's segment (server side) as a writable uint8 array of exactly ``nbytes``."""
-    if not name.startswith(SEGMENT_PREFIX) or "/" in name[1:]:
-        raise SegmentError(f"{name!r} is not an LMCache KV segment name ({SEGMENT_PREFIX}<pid>_<idx>)")
+def arena_name(pid: int | None = None) -> str:
+    return f"{ARENA_PREFIX}{pid or os.getpid()}"
+
+
+def remove_stale_arenas() -> list[str]:
+    """Unlinks the L1 arenas of servers that died without cleaning up (their pid is gone)."""
+    removed = []
+    for entry in os.listdir(_DEV_SHM):
+        if not entry.startswith(ARENA_PREFIX[1:]):
+            continue
+        try:
+            pid = int(entry[len(ARENA_PREFIX) - 1 :])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            os.unlink(f"{_DEV_SHM}/{entry}")
+            removed.append("/" + entry)
+            logger.warning("Removed the L1 arena /%s of a server that is gone", entry)
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
+
+
+def map_segment(name: str, nbytes: int, prefix: str = SEGMENT_PREFIX) -> np.ndarray:
+    """Maps a segment as a writable uint8 array of exactly ``nbytes``: an engine's KV storage on
+    the server side, or (with ``prefix=ARENA_PREFIX``) the server's L1 arena on the engine side."""
+    if not name.startswith(prefix) or "/" in name[1:]:
+        raise SegmentError(f"{name!r} is not an LMCache segment name ({prefix}...)")
     try:
         fd = os.open(_DEV_SHM + name, os.O_RDWR)
     except FileNotFoundError:
