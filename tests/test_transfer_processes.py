@@ -31,7 +31,7 @@ def test_ping_and_lookup_answer_while_a_big_store_copies() -> None:
         kv = make_kv("LBHNC", "bfloat16", shape)
         for t in kv:
             t.fill_(1.5)
-        reg = client.register_kv_caches(kv, model="big")
+        reg = client.register_kv_caches(kv, model="big", mode="engine_driven")
         hashes = hashes_for(16, seed=1)
         big = client.submit(p.Store(reg.instance_id, hashes, list(range(64))))
         assert client.ping() == p.Pong()
@@ -88,7 +88,7 @@ def _store_and_die(port: int) -> None:
     client = MPClient("127.0.0.1", port, timeout_s=30)
     kv = make_kv("LBHNC", "bfloat16", KVShape(layers=16, blocks=64, heads=8, head_size=256))
     fill(kv, "LBHNC")
-    reg = client.register_kv_caches(kv, model="doomed", instance_id="doomed")
+    reg = client.register_kv_caches(kv, model="doomed", instance_id="doomed", mode="engine_driven")
     client.submit(p.Store(reg.instance_id, hashes_for(16, seed=3), list(range(64))))
     os._exit(0)  # gone without waiting, closing or unregistering
 
