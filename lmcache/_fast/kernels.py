@@ -3,7 +3,7 @@
 Both directions are one operation, copying ``page_bytes`` from each ``src_offsets[i]`` to
 ``dst_offsets[i]``; gather and scatter only differ in which side is the KV storage. The CPU
 kernel is Numba njit, releases the GIL and runs single-threaded (a second thread measured
-slower under load). The CUDA kernel copies the same pages on a GPU, one thread block per page,
+slower under load); it writes with streaming stores where alignment allows (see _stream_copy). The CUDA kernel copies the same pages on a GPU, one thread block per page,
 in 16-byte words where alignment allows; it is tested on the CPU with NUMBA_ENABLE_CUDASIM=1.
 
 No numpy fancy indexing on the hot path: it measured 2-4x slower than this plain loop.
@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from llvmlite import ir
 
 
 @intrinsic
@@ -33,17 +34,80 @@ def _memcpy(typingctx, dst_address, src_address, nbytes):
     return sig, codegen
 
 
+@intrinsic
+def _stream_copy(typingctx, dst_address, src_address, nbytes, prefetch_address):
+    """Copies ``nbytes`` (a multiple of 128) to a 32-byte aligned ``dst_address`` with
+    non-temporal stores, prefetching ``prefetch_address`` (the next page's source; 0 for none)
+    at the same offsets.
+
+    Why: copying cache-cold pages scattered over a large cache, plain stores pay a read for
+    ownership of every destination line; streaming stores skip it, and the prefetch hides the
+    next page's first misses. Measured on our CI machine for random 64 KiB pages: 7.3 GB/s with
+    memcpy, 9.2-9.6 GB/s this way (a sequential memcpy of the same bytes: 12.5 GB/s).
+    """
+    sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        dst, src, n, next_src = args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        i8p = ir.IntType(8).as_pointer()
+        vector_ptr = ir.VectorType(i64, 4).as_pointer()
+        module = builder.module
+        prefetch = cgutils.get_or_insert_function(
+            module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        nontemporal = module.add_metadata([i32(1)])
+        has_next = builder.icmp_unsigned("!=", next_src, i64(0))
+        with cgutils.for_range(builder, builder.udiv(n, i64(128))) as loop:
+            base = builder.mul(loop.index, i64(128))
+            with builder.if_then(has_next):
+                for k in (0, 64):
+                    address = builder.add(next_src, builder.add(base, i64(k)))
+                    builder.call(prefetch, [builder.inttoptr(address, i8p), i32(0), i32(3), i32(1)])
+            for k in range(4):
+                offset = builder.add(base, i64(32 * k))
+                value = builder.load(builder.inttoptr(builder.add(src, offset), vector_ptr), align=1)
+                store = builder.store(value, builder.inttoptr(builder.add(dst, offset), vector_ptr), align=32)
+                store.set_metadata("nontemporal", nontemporal)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Orders the streaming stores before anything that follows (another thread reading them)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
 def copy_pages(src: np.ndarray, src_offsets: np.ndarray, dst: np.ndarray, dst_offsets: np.ndarray, page_bytes: int) -> None:
     """dst[dst_offsets[i] : +page_bytes] = src[src_offsets[i] : +page_bytes] for every i.
 
     The caller checks bounds (PageLayout.validate and the engine's block-id checks): this is the
-    hot loop and trusts its offsets.
+    hot loop and trusts its offsets. Streaming stores where alignment allows, else memcpy.
     """
     src_base = src.ctypes.data
     dst_base = dst.ctypes.data
-    for i in range(src_offsets.shape[0]):
-        _memcpy(dst_base + dst_offsets[i], src_base + src_offsets[i], page_bytes)
+    n = src_offsets.shape[0]
+    streamed = False
+    for i in range(n):
+        dst_address = dst_base + dst_offsets[i]
+        src_address = src_base + src_offsets[i]
+        if page_bytes % 128 == 0 and dst_address % 32 == 0:
+            next_src = src_base + src_offsets[i + 1] if i + 1 < n else 0
+            _stream_copy(dst_address, src_address, page_bytes, next_src)
+            streamed = True
+        else:
+            _memcpy(dst_address, src_address, page_bytes)
+    if streamed:
+        _store_fence()
 
 
 def gather(storage: np.ndarray, page_offsets: np.ndarray, obj: np.ndarray, page_bytes: int) -> None:
