@@ -202,9 +202,12 @@ class MPClient:
         tensors = list(tensors)
         if mode not in ("auto", "engine_driven", "lmcache_driven"):
             raise ValueError(f"unknown transfer mode {mode!r} (auto, engine_driven, lmcache_driven)")
+        offered = self.hello(client_name="kv-engine", timeout=timeout).transfer_modes
+        picked = "lmcache_driven" if "lmcache_driven" in offered else "engine_driven"
         if mode == "auto":
-            offered = self.hello(client_name="kv-engine", timeout=timeout).transfer_modes
-            mode = "lmcache_driven" if "lmcache_driven" in offered else "engine_driven"
+            mode = picked
+        elif mode != picked:
+            logger.info("Transfer mode %s (overridden; auto would pick %s)", mode, picked)
         logger.info("Creating transfer context (device_type=cpu, mode=%s)", mode)
         layout, storages = describe(tensors, kv_split)
         instance_id = instance_id or f"{os.getpid()}"

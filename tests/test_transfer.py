@@ -49,7 +49,7 @@ CASES = [(layout, "bfloat16", "engine_driven") for layout in LAYOUTS] + [
     ("LBHNC", "bfloat16", "lmcache_driven"), ("LBNHC", "float8_e4m3fn", "lmcache_driven"),
     ("BLNHC", "float32", "lmcache_driven"), ("flash_attn", "float16", "lmcache_driven"),
     ("flashinfer", "bfloat16", "lmcache_driven"), ("MLA", "bfloat16", "lmcache_driven"),
-    ("MLA3", "float16", "lmcache_driven"),
+    ("MLA3", "float16", "lmcache_driven"), ("BLHNC", "float8_e5m2", "lmcache_driven"),
 ]
 
 
