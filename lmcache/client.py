@@ -72,6 +72,12 @@ class ReplyFuture:
             self._client._pump(block=False)
         return self._done
 
+    def wait(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` seconds; True once done. Unlike ``result``, a short wait does
+        not give up on the request: only the request's own deadline fails it."""
+        self._client._wait(self, min(time.monotonic() + timeout, self._deadline))
+        return self._done
+
     def result(self, timeout: float | None = None) -> p.Reply:
         """The reply; raises ServerError for an Error reply, ServerUnavailableError on timeout.
 
@@ -337,6 +343,8 @@ class MPClient:
         while not future._done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if time.monotonic() < future._deadline and deadline < future._deadline:
+                    return  # a bounded wait ended; the request itself is still pending
                 with self._lock:
                     self._pending.pop(future.request_id, None)
                 if not future._done:

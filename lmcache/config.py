@@ -115,3 +115,49 @@ def _enum(kind: type[enum.Enum], field: str, value: Any) -> Any:
             return member
     choices = ", ".join(m.value for m in kind)
     raise ConfigError(field, f"must be one of {choices} (got {value!r})")
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """The vLLM connector's settings, read from ``kv_connector_extra_config`` (keys ``lmcache.mp.*``)."""
+
+    host: str = "tcp://localhost"
+    port: int = 5555
+    mp_transfer_mode: str = "auto"  # auto | engine_driven | lmcache_driven
+    save_decode_cache: bool = False
+    # Longest time get_num_new_matched_tokens waits for a lookup before answering "not known yet".
+    lookup_wait_ms: float = 2.0
+    # Every request to the server gives up after this; a dead server never stalls vLLM longer.
+    timeout_s: float = 5.0
+    # How often a worker that is not registered (server down at start, or restarted) tries again.
+    retry_interval_s: float = 5.0
+
+    KEYS = {
+        "lmcache.mp.host": "host",
+        "lmcache.mp.port": "port",
+        "lmcache.mp.mp_transfer_mode": "mp_transfer_mode",
+        "lmcache.mp.save_decode_cache": "save_decode_cache",
+        "lmcache.mp.lookup_wait_ms": "lookup_wait_ms",
+        "lmcache.mp.timeout_s": "timeout_s",
+        "lmcache.mp.retry_interval_s": "retry_interval_s",
+    }
+
+    def __post_init__(self) -> None:
+        if self.mp_transfer_mode not in ("auto", "engine_driven", "lmcache_driven"):
+            raise ConfigError("mp_transfer_mode", f"must be auto, engine_driven or lmcache_driven (got {self.mp_transfer_mode!r})")
+        if not 1 <= int(self.port) <= 65535:
+            raise ConfigError("port", f"must be a TCP port (got {self.port})")
+        if self.timeout_s <= 0 or self.lookup_wait_ms < 0 or self.retry_interval_s <= 0:
+            raise ConfigError("timeout_s", "timeouts must be positive")
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        values: dict[str, Any] = {}
+        for key, value in (extra or {}).items():
+            if key in cls.KEYS:
+                field = cls.KEYS[key]
+                default = getattr(cls, field)
+                if isinstance(default, bool):
+                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                values[field] = type(default)(value)
+        return cls(**values)

@@ -86,7 +86,7 @@ class Clear(_Message, tag=4):
 
 
 class Lookup(_Message, tag=5):
-    scope: CacheScope
+    scope: CacheScope  # an empty page_format means: the format each rank registered
     hashes: bytes
     all_ranks: bool = False  # count a chunk only if every rank of scope.world_size has it
     lock: bool = False  # read-lock the counted chunks for `session`

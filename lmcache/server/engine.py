@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from lmcache import __version__
@@ -173,6 +174,11 @@ class CacheEngine:
         if lock and not session:
             raise RequestError("a locking lookup needs a session id")
         scopes = [scope.for_rank(r) for r in range(scope.world_size)] if all_ranks else [scope]
+        if not scope.page_format:
+            # The scheduler side cannot know the page format: take each rank's registered one.
+            scopes = self._registered_scopes(scopes)
+            if not scopes:
+                return 0
         count, taken = self.l1.lookup(scopes[0], hashes, lock)
         taken = [taken]
         for s in scopes[1:]:
@@ -189,6 +195,20 @@ class CacheEngine:
                     entry.deadline = time.monotonic() + self.config.lock_ttl_s
         self._sweep_sessions()
         return count
+
+    def _registered_scopes(self, scopes: list[CacheScope]) -> list[CacheScope]:
+        """The scopes with the page format each rank registered; empty if a rank has not."""
+        with self._lock:
+            formats = {
+                (r.model, r.world_size, r.rank): r.page_format for r in self._engines.values()
+            }
+        resolved = []
+        for s in scopes:
+            page_format = formats.get((s.model, s.world_size, s.rank))
+            if page_format is None:
+                return []
+            resolved.append(msgspec.structs.replace(s, page_format=page_format))
+        return resolved
 
     def release_locks(self, session: str, hashes: bytes = b"") -> int:
         """Gives back a session's lookup locks: all of them, or those on ``hashes``."""

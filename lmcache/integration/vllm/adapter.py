@@ -1,0 +1,390 @@
+"""The vLLM connector's logic, importing nothing from vLLM: plain ints, lists and tensors.
+
+``SchedulerAdapter`` decides what to load and store; ``WorkerAdapter`` moves the bytes through
+``MPClient``. vLLM's connector class (lmcache_mp_connector.py) only translates vLLM's objects
+for them, and the simulator drives them directly.
+
+How a request goes:
+1. Arrival (``on_new_request``): its prompt's chunk hashes are computed once and a locking
+   Lookup (all ranks) is sent at once, without waiting.
+2. ``get_num_new_matched_tokens`` waits at most ``lookup_wait_ms`` for the answer, else says
+   "not known yet" and is asked again. Only whole chunks count, never the whole prompt (vLLM
+   must compute one token), and vLLM's own prefix hit is subtracted.
+3. ``update_state_after_alloc`` plans the load into the allocated blocks (skipping leading
+   blocks vLLM already holds) and gives back the locks on chunks vLLM holds itself. The load runs
+   asynchronously on the worker; vLLM waits in WAITING_FOR_REMOTE_KVS until ``finished_recving``.
+4. Each step, chunks whose tokens were all computed are stored (prompt chunks; decode chunks
+   only with ``save_decode_cache``). ``kv_role`` is honoured: consumers never store, producers
+   never load.
+5. ``request_finished`` keeps the blocks while stores of the request may be in flight; every
+   worker reports it in ``finished_sending`` once its stores are done, so no block leaks.
+
+Never in vLLM's way: every server call has a bounded timeout; a server that is down makes
+every request a miss; a worker re-registers in the background when the server comes back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from lmcache import protocol as p
+from lmcache.client import KVRegistration, MPClient, ReplyFuture, ServerError, ServerUnavailableError
+from lmcache.config import ConnectorConfig, strip_scheme
+from lmcache.keys import HASH_BYTES, CacheScope, prompt_hashes
+from lmcache.log import init_logger
+
+logger = init_logger(__name__)
+
+
+class LoadOp(msgspec.Struct, array_like=True, frozen=True):
+    req_id: str
+    hashes: bytes
+    block_ids: list[int]
+    skip_blocks: int
+    salt: str
+
+
+class StoreOp(msgspec.Struct, array_like=True, frozen=True):
+    req_id: str
+    hashes: bytes
+    block_ids: list[int]
+    salt: str
+
+
+class StepMetadata(msgspec.Struct, array_like=True):
+    """What the scheduler tells every worker for one step."""
+
+    loads: list[LoadOp] = msgspec.field(default_factory=list)
+    stores: list[StoreOp] = msgspec.field(default_factory=list)
+    delayed_free: list[str] = msgspec.field(default_factory=list)  # report in finished_sending
+    preempted: list[str] = msgspec.field(default_factory=list)
+
+
+def _client(config: ConnectorConfig) -> MPClient:
+    return MPClient(strip_scheme(config.host), config.port, timeout_s=config.timeout_s)
+
+
+# --- scheduler side ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    req_id: str
+    tokens: list[int]
+    prompt_len: int
+    salt: str
+    hashes: bytes = b""  # chained hashes of the full chunks of `tokens` so far
+    lookup: ReplyFuture | None = None
+    hit_chunks: int | None = None
+    loaded_chunks: int = 0  # chunks loaded from the server (locks held until the load ends)
+    block_ids: list[int] = field(default_factory=list)
+    stored_chunks: int = 0  # chunks handed to workers for storing
+    stores_issued: bool = False
+
+
+class SchedulerAdapter:
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        model: str,
+        world_size: int,
+        block_size: int,
+        kv_role: str = "kv_both",
+        client: MPClient | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.world_size = world_size
+        self.block_size = block_size
+        self.can_load = kv_role != "kv_producer"
+        self.can_store = kv_role != "kv_consumer"
+        self._client = client or _client(config)
+        self._chunk_size: int | None = None
+        self._next_hello = 0.0
+        self._requests: dict[str, _Request] = {}
+        self._step = StepMetadata()
+
+    # -- the server's chunk size: asked once, again later if the server was down
+    def chunk_size(self) -> int | None:
+        if self._chunk_size is None and time.monotonic() >= self._next_hello:
+            try:
+                hello = self._client.hello(client_name="vllm-scheduler", timeout=min(1.0, self.config.timeout_s))
+                if hello.chunk_size % self.block_size:
+                    logger.warning(
+                        "The server's chunk size %d is not a multiple of vLLM's block size %d: caching is off",
+                        hello.chunk_size, self.block_size,
+                    )
+                    self._next_hello = float("inf")
+                    return None
+                self._chunk_size = hello.chunk_size
+            except (ServerUnavailableError, ServerError) as e:
+                self._next_hello = time.monotonic() + self.config.retry_interval_s
+                logger.warning("LMCache server not reachable (%s); serving requests without it", e)
+        return self._chunk_size
+
+    def _scope(self, salt: str) -> CacheScope:
+        return CacheScope(self.model, self.world_size, 0, "", salt)
+
+    def _extend_hashes(self, req: _Request, chunk: int) -> None:
+        done = len(req.hashes) // HASH_BYTES
+        full = len(req.tokens) // chunk
+        if full > done:
+            parent = req.hashes[-HASH_BYTES:] if done else None
+            req.hashes += prompt_hashes(req.tokens[done * chunk : full * chunk], chunk, parent)
+
+    def on_new_request(self, req_id: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
+        req = _Request(req_id, list(prompt_token_ids), len(prompt_token_ids), cache_salt or "")
+        self._requests[req_id] = req
+        chunk = self.chunk_size()
+        if chunk is None:
+            return
+        self._extend_hashes(req, chunk)
+        if self.can_load and req.hashes:
+            try:
+                req.lookup = self._client.submit(
+                    p.Lookup(self._scope(req.salt), req.hashes, all_ranks=True, lock=True, session=req_id)
+                )
+            except ServerUnavailableError:
+                req.lookup = None
+
+    def get_num_new_matched_tokens(self, req_id: str, num_computed_tokens: int) -> tuple[int | None, bool]:
+        req = self._requests.get(req_id)
+        chunk = self._chunk_size
+        if req is None or chunk is None or not self.can_load:
+            return 0, False
+        if req.hit_chunks is None:
+            if req.lookup is None:
+                req.hit_chunks = 0
+            elif not req.lookup.wait(self.config.lookup_wait_ms / 1000):
+                return None, False  # not known yet: vLLM asks again next step
+            else:
+                try:
+                    reply = req.lookup.result()
+                    req.hit_chunks = reply.hit_chunks if isinstance(reply, p.LookupReply) else 0
+                except (ServerUnavailableError, ServerError):
+                    req.hit_chunks = 0
+        # Whole chunks only, and never the last prompt token: vLLM must compute at least one.
+        loadable = min(req.hit_chunks * chunk, (req.prompt_len - 1) // chunk * chunk)
+        need = loadable - num_computed_tokens
+        if need <= 0:
+            self._end_lookup(req)
+            return 0, False
+        return need, True
+
+    def update_state_after_alloc(
+        self, req_id: str, block_ids: list[int], num_external_tokens: int, num_computed_tokens: int
+    ) -> None:
+        req = self._requests.get(req_id)
+        if req is None:
+            return
+        req.block_ids = list(block_ids)
+        chunk = self._chunk_size
+        if num_external_tokens <= 0 or chunk is None:
+            self._end_lookup(req)
+            return
+        bpc = chunk // self.block_size
+        first = num_computed_tokens // chunk
+        last = (num_computed_tokens + num_external_tokens) // chunk
+        skip = (num_computed_tokens - first * chunk) // self.block_size
+        self._step.loads.append(
+            LoadOp(req_id, req.hashes[first * HASH_BYTES : last * HASH_BYTES], req.block_ids[first * bpc : last * bpc],
+                   skip, req.salt)
+        )
+        req.loaded_chunks = last
+        if first:  # vLLM holds these chunks itself
+            self._release(req_id, req.hashes[: first * HASH_BYTES])
+
+    def build_step(self, scheduled: list[tuple[str, list[int], int, int]], finished: set[str], preempted: set[str]) -> StepMetadata:
+        """``scheduled``: (req id, block ids added this step, num computed tokens before the step,
+        tokens scheduled this step) per scheduled request. Returns this step's metadata."""
+        chunk = self._chunk_size
+        for req_id, new_blocks, computed, n_scheduled in scheduled:
+            req = self._requests.get(req_id)
+            if req is None:
+                continue
+            if req_id in preempted:
+                req.block_ids = []
+            req.block_ids.extend(new_blocks)
+            if not self.can_store or chunk is None:
+                continue
+            limit = len(req.tokens) if self.config.save_decode_cache else req.prompt_len
+            full = min(computed + n_scheduled, limit) // chunk
+            self._extend_hashes(req, chunk)
+            full = min(full, len(req.hashes) // HASH_BYTES, len(req.block_ids) // (chunk // self.block_size))
+            start = max(req.stored_chunks, req.loaded_chunks)
+            if full > start:
+                bpc = chunk // self.block_size
+                self._step.stores.append(
+                    StoreOp(req_id, req.hashes[start * HASH_BYTES : full * HASH_BYTES],
+                            req.block_ids[start * bpc : full * bpc], req.salt)
+                )
+                req.stores_issued = True
+            req.stored_chunks = max(req.stored_chunks, full)
+        self._step.preempted = sorted(preempted)
+        step, self._step = self._step, StepMetadata()
+        return step
+
+    def append_tokens(self, req_id: str, token_ids: list[int]) -> None:
+        """Generated tokens (decode): they make later chunks storable with save_decode_cache."""
+        req = self._requests.get(req_id)
+        if req is not None:
+            req.tokens.extend(token_ids)
+
+    def request_finished(self, req_id: str) -> bool:
+        """True: keep the request's blocks until every worker reports it finished sending."""
+        req = self._requests.pop(req_id, None)
+        if req is None:
+            return False
+        self._end_lookup(req)
+        if req.stores_issued:
+            self._step.delayed_free.append(req_id)
+            return True
+        return False
+
+    def update_connector_output(self, finished_sending: set[str] | None, finished_recving: set[str] | None) -> None:
+        for req_id in finished_recving or ():
+            req = self._requests.get(req_id)
+            if req is not None:
+                self._release(req_id, req.hashes[: req.loaded_chunks * HASH_BYTES])
+
+    def _end_lookup(self, req: _Request) -> None:
+        if req.lookup is not None:
+            try:
+                self._client.submit(p.EndSession(req.req_id))  # fire and forget
+            except ServerUnavailableError:
+                pass  # the locks expire on the server
+
+    def _release(self, req_id: str, hashes: bytes) -> None:
+        if hashes:
+            try:
+                self._client.submit(p.ReleaseLocks(req_id, hashes))
+            except ServerUnavailableError:
+                pass
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# --- worker side ------------------------------------------------------------------------------
+
+
+class WorkerAdapter:
+    def __init__(
+        self, config: ConnectorConfig, model: str, world_size: int, rank: int, client: MPClient | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.world_size = world_size
+        self.rank = rank
+        self._client = client or _client(config)
+        self._instance_id = instance_id
+        self._tensors: list[Any] = []
+        self._registration: KVRegistration | None = None
+        self._next_try = 0.0
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="lmcache-kv-io")
+        self._lock = threading.Lock()
+        self._loads: dict[str, list[Future]] = {}
+        self._stores: dict[str, list[Future]] = {}
+        self._delayed: set[str] = set()
+        self._load_errors: set[int] = set()
+
+    # -- registration
+    def register(self, tensors: list[Any]) -> None:
+        logger.info("Registering kv caches!")
+        self._tensors = list(tensors)
+        self._try_register()
+
+    def _try_register(self) -> bool:
+        if self._registration is not None:
+            return True
+        if not self._tensors or time.monotonic() < self._next_try:
+            return False
+        try:
+            self._registration = self._client.register_kv_caches(
+                self._tensors, self.model, self.world_size, self.rank, instance_id=self._instance_id,
+                mode=self.config.mp_transfer_mode,
+            )
+            return True
+        except (ServerUnavailableError, ServerError, OSError) as e:
+            self._next_try = time.monotonic() + self.config.retry_interval_s
+            logger.warning("Could not register the KV cache with the LMCache server (%s); will retry", e)
+            return False
+
+    # -- per step
+    def start_load(self, step: StepMetadata) -> None:
+        for op in step.loads:
+            self._loads.setdefault(op.req_id, []).append(self._io.submit(self._load, op))
+
+    def save(self, step: StepMetadata) -> None:
+        self._delayed.update(step.delayed_free)
+        for op in step.stores:
+            self._stores.setdefault(op.req_id, []).append(self._io.submit(self._store, op))
+
+    def handle_preemptions(self, step: StepMetadata) -> None:
+        """Preempted requests' blocks are about to be reused: their stores must finish first."""
+        for req_id in step.preempted:
+            for future in self._stores.pop(req_id, []):
+                try:
+                    future.result(timeout=self.config.timeout_s)
+                except Exception:  # noqa: BLE001 - a failed store is only a future miss
+                    pass
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        recving = {r for r, fs in self._loads.items() if all(f.done() for f in fs)}
+        for req_id in recving:
+            for future in self._loads.pop(req_id):
+                errors = future.result()  # _load never raises; it returns the blocks it failed
+                with self._lock:
+                    self._load_errors.update(errors)
+        sending = set()
+        for req_id in list(self._delayed):
+            futures = self._stores.get(req_id, [])
+            if all(f.done() for f in futures):
+                self._stores.pop(req_id, None)
+                self._delayed.discard(req_id)
+                sending.add(req_id)
+        return sending, recving
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- on the I/O thread
+    def _load(self, op: LoadOp) -> set[int]:
+        """Runs a Retrieve; returns the blocks that were not loaded (vLLM recomputes them)."""
+        written = 0
+        try:
+            if self._try_register():
+                assert self._registration is not None
+                written = self._client.retrieve(self._registration, op.hashes, op.block_ids, op.skip_blocks, op.salt)
+        except (ServerUnavailableError, ServerError, OSError, ValueError) as e:
+            logger.warning("Load for %s failed (%s); vLLM recomputes it", op.req_id, e)
+            self._lost_registration(e)
+        bpc = len(op.block_ids) // max(1, len(op.hashes) // HASH_BYTES)
+        return set(op.block_ids[max(written * bpc, op.skip_blocks):])
+
+    def _store(self, op: StoreOp) -> None:
+        try:
+            if self._try_register():
+                assert self._registration is not None
+                self._client.store(self._registration, op.hashes, op.block_ids, op.salt)
+        except (ServerUnavailableError, ServerError, OSError, ValueError) as e:
+            logger.warning("Store for %s failed (%s)", op.req_id, e)
+            self._lost_registration(e)
+
+    def _lost_registration(self, error: Exception) -> None:
+        if isinstance(error, ServerError) and "unknown instance" in error.message:
+            self._registration = None  # the server restarted: register again
+            self._next_try = 0.0
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=False)
+        self._client.close()
