@@ -70,7 +70,7 @@ class Engine:
             result["load_errors"] = w.take_load_errors()
         computed = local_hit_tokens + external
         self.forward(tokens, blocks, computed, len(tokens))
-        step = s.build_step([(req_id, [] if external else [], computed, len(tokens) - computed)], set(), set())
+        step = s.build_step([(req_id, blocks, True, computed, len(tokens) - computed)], set(), set())
         result["stored_chunks"] = sum(len(op.hashes) // 16 for op in step.stores)
         w.save(step)
         keep = s.request_finished(req_id)
@@ -161,9 +161,9 @@ def test_decode_chunks_are_stored_only_when_asked(server: ServerProcess) -> None
             pass
         blocks = list(range(1, 9))
         s.update_state_after_alloc("d", blocks, 0, 0)
-        stored = sum(len(op.hashes) // 16 for op in s.build_step([("d", [], 0, 100)], set(), set()).stores)
+        stored = sum(len(op.hashes) // 16 for op in s.build_step([("d", blocks, True, 0, 100)], set(), set()).stores)
         s.append_tokens("d", prompt(40, seed=9))  # decode reaches 140 tokens: a second full chunk
-        stored += sum(len(op.hashes) // 16 for op in s.build_step([("d", [], 100, 40)], set(), set()).stores)
+        stored += sum(len(op.hashes) // 16 for op in s.build_step([("d", [9, 10, 11], False, 100, 40)], set(), set()).stores)
         assert stored == expected
         s.request_finished("d")
         engine.close()

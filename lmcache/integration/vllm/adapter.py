@@ -200,17 +200,21 @@ class SchedulerAdapter:
         if first:  # vLLM holds these chunks itself
             self._release(req_id, req.hashes[: first * HASH_BYTES])
 
-    def build_step(self, scheduled: list[tuple[str, list[int], int, int]], finished: set[str], preempted: set[str]) -> StepMetadata:
-        """``scheduled``: (req id, block ids added this step, num computed tokens before the step,
-        tokens scheduled this step) per scheduled request. Returns this step's metadata."""
+    def build_step(
+        self, scheduled: list[tuple[str, list[int], bool, int, int]], finished: set[str], preempted: set[str]
+    ) -> StepMetadata:
+        """``scheduled``: per scheduled request (req id, block ids, whether they replace the known
+        ones (new or resumed requests) or are added to them, num computed tokens before the step,
+        tokens scheduled this step). Returns this step's metadata."""
         chunk = self._chunk_size
-        for req_id, new_blocks, computed, n_scheduled in scheduled:
+        for req_id, blocks, replace, computed, n_scheduled in scheduled:
             req = self._requests.get(req_id)
             if req is None:
                 continue
-            if req_id in preempted:
-                req.block_ids = []
-            req.block_ids.extend(new_blocks)
+            if replace:
+                req.block_ids = list(blocks)
+            else:
+                req.block_ids.extend(blocks)
             if not self.can_store or chunk is None:
                 continue
             limit = len(req.tokens) if self.config.save_decode_cache else req.prompt_len
@@ -235,6 +239,15 @@ class SchedulerAdapter:
         req = self._requests.get(req_id)
         if req is not None:
             req.tokens.extend(token_ids)
+
+    def sync_tokens(self, req_id: str, all_token_ids: list[int]) -> None:
+        """Catches up with a request's growing token list (vLLM's ``all_token_ids``)."""
+        req = self._requests.get(req_id)
+        if req is not None and len(all_token_ids) > len(req.tokens):
+            req.tokens.extend(all_token_ids[len(req.tokens) :])
+
+    def knows(self, req_id: str) -> bool:
+        return req_id in self._requests
 
     def request_finished(self, req_id: str) -> bool:
         """True: keep the request's blocks until every worker reports it finished sending."""
