@@ -194,3 +194,24 @@ def test_a_server_that_is_down_makes_every_request_a_miss_quickly() -> None:
     assert time.monotonic() - start < 5 * config.timeout_s  # bounded, never stuck
     worker.close()
     scheduler.close()
+
+
+def test_the_worker_registers_again_after_a_server_restart() -> None:
+    first = ServerProcess(extra_args=["--chunk-size", str(CHUNK)]).start()
+    engine = Engine(first, "restart", "engine_driven", retry_interval_s=0.2, timeout_s=2.0)
+    tokens = prompt(200, seed=11)
+    assert engine.run("before", tokens)["stored_chunks"] == 3
+    assert first.stop() == 0
+    second = ServerProcess(port=first.port, http_port=first.http_port, extra_args=["--chunk-size", str(CHUNK)]).start()
+    try:
+        # The new server knows nothing: the first store fails fast, the worker registers again, and
+        # later requests are cached and loaded as before.
+        deadline = time.monotonic() + 30
+        while True:
+            engine.run(f"again-{time.monotonic()}", tokens)
+            if engine.run(f"check-{time.monotonic()}", tokens)["external"] == 3 * CHUNK:
+                break
+            assert time.monotonic() < deadline, "never cached again after the restart"
+    finally:
+        engine.close()
+        second.stop()
