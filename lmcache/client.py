@@ -287,11 +287,15 @@ class MPClient:
             raise ServerError(p.ErrorCode.BAD_MESSAGE, f"expected {expect.__name__}, got {type(reply).__name__}")
         return reply
 
-    def submit(self, request: p.Request, timeout: float | None = None) -> ReplyFuture:
-        """Sends ``request`` now; the returned future completes when its reply arrives."""
-        return self.submit_frames([p.encode(request)], timeout)
+    def submit(self, request: p.Request, timeout: float | None = None, wait_to_send: bool = True) -> ReplyFuture:
+        """Sends ``request`` now; the returned future completes when its reply arrives.
 
-    def submit_frames(self, frames: list[bytes], timeout: float | None = None) -> ReplyFuture:
+        With ``wait_to_send=False`` it never waits for a connection: if the server is not
+        connected it raises ServerUnavailableError at once (for callers that must not block).
+        """
+        return self.submit_frames([p.encode(request)], timeout, wait_to_send)
+
+    def submit_frames(self, frames: list[bytes], timeout: float | None = None, wait_to_send: bool = True) -> ReplyFuture:
         """Sends pre-encoded message frames (the message and any bulk frames)."""
         if self._closed:
             raise RuntimeError("MPClient is closed")
@@ -301,7 +305,7 @@ class MPClient:
         with self._lock:
             self._pending[request_id] = future
             try:
-                self._send_locked([request_id, *frames], deadline)
+                self._send_locked([request_id, *frames], deadline if wait_to_send else 0.0)
             except BaseException:
                 del self._pending[request_id]
                 raise
@@ -343,6 +347,9 @@ class MPClient:
         while not future._done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._drain()  # a reply may have arrived while nobody was reading the socket
+                if future._done:
+                    return
                 if time.monotonic() < future._deadline and deadline < future._deadline:
                     return  # a bounded wait ended; the request itself is still pending
                 with self._lock:
@@ -369,6 +376,19 @@ class MPClient:
         finally:
             self._lock.release()
         return True
+
+    def _drain(self) -> None:
+        """Delivers every reply already received, without waiting (skipped if another thread is
+        driving the socket: it delivers them)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            while not self._closed:
+                self._deliver(self._sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        finally:
+            self._lock.release()
 
     def _deliver(self, frames: list[bytes]) -> None:
         future = self._pending.pop(frames[0], None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 
 import msgspec
 import pytest
@@ -180,3 +181,11 @@ def test_a_client_that_vanishes_does_not_disturb_others(server: ServerProcess, c
         sock.close(0)  # gone before the reply comes
         ctx.term()
     assert client.ping() == p.Pong()
+
+
+def test_a_reply_that_arrived_before_anyone_waited_is_not_lost(client: MPClient) -> None:
+    future = client.submit(p.Ping(), timeout=0.2)
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:  # let the deadline pass without reading the socket
+        pass
+    assert future.result() == p.Pong()

@@ -106,27 +106,46 @@ class SchedulerAdapter:
         self.can_store = kv_role != "kv_consumer"
         self._client = client or _client(config)
         self._chunk_size: int | None = None
+        self._hello: ReplyFuture | None = None
         self._next_hello = 0.0
+        self._warned = False
+        try:  # ask now (waiting at most a second, once, for the connection); read the answer later
+            self._hello = self._client.submit(p.Hello(client_name="vllm-scheduler"), timeout=min(1.0, config.timeout_s))
+        except ServerUnavailableError:
+            self._hello_failed("not reachable at start")
         self._requests: dict[str, _Request] = {}
         self._step = StepMetadata()
 
-    # -- the server's chunk size: asked once, again later if the server was down
+    # -- the server's chunk size: asked without blocking, again later if the server was down
     def chunk_size(self) -> int | None:
-        if self._chunk_size is None and time.monotonic() >= self._next_hello:
+        if self._chunk_size is not None:
+            return self._chunk_size
+        if self._hello is None and time.monotonic() >= self._next_hello:
             try:
-                hello = self._client.hello(client_name="vllm-scheduler", timeout=min(1.0, self.config.timeout_s))
-                if hello.chunk_size % self.block_size:
-                    logger.warning(
-                        "The server's chunk size %d is not a multiple of vLLM's block size %d: caching is off",
-                        hello.chunk_size, self.block_size,
-                    )
-                    self._next_hello = float("inf")
-                    return None
-                self._chunk_size = hello.chunk_size
+                self._hello = self._client.submit(p.Hello(client_name="vllm-scheduler"), wait_to_send=False)
+            except ServerUnavailableError:
+                self._hello_failed("not connected")
+                return None
+        if self._hello is not None and self._hello.wait(self.config.lookup_wait_ms / 1000):
+            future, self._hello = self._hello, None
+            try:
+                hello = future.result()
             except (ServerUnavailableError, ServerError) as e:
-                self._next_hello = time.monotonic() + self.config.retry_interval_s
-                logger.warning("LMCache server not reachable (%s); serving requests without it", e)
+                self._hello_failed(str(e))
+                return None
+            if not isinstance(hello, p.HelloReply) or hello.chunk_size % self.block_size:
+                logger.warning("The server's chunk size is not a multiple of vLLM's block size %d: caching is off",
+                               self.block_size)
+                self._next_hello = float("inf")
+                return None
+            self._chunk_size = hello.chunk_size
         return self._chunk_size
+
+    def _hello_failed(self, why: str) -> None:
+        if not self._warned:
+            logger.warning("LMCache server not reachable (%s); serving requests without it, retrying", why)
+            self._warned = True
+        self._next_hello = time.monotonic() + self.config.retry_interval_s
 
     def _scope(self, salt: str) -> CacheScope:
         return CacheScope(self.model, self.world_size, 0, "", salt)
@@ -148,7 +167,8 @@ class SchedulerAdapter:
         if self.can_load and req.hashes:
             try:
                 req.lookup = self._client.submit(
-                    p.Lookup(self._scope(req.salt), req.hashes, all_ranks=True, lock=True, session=req_id)
+                    p.Lookup(self._scope(req.salt), req.hashes, all_ranks=True, lock=True, session=req_id),
+                    wait_to_send=False,
                 )
             except ServerUnavailableError:
                 req.lookup = None
@@ -269,14 +289,14 @@ class SchedulerAdapter:
     def _end_lookup(self, req: _Request) -> None:
         if req.lookup is not None:
             try:
-                self._client.submit(p.EndSession(req.req_id))  # fire and forget
+                self._client.submit(p.EndSession(req.req_id), wait_to_send=False)  # fire and forget
             except ServerUnavailableError:
                 pass  # the locks expire on the server
 
     def _release(self, req_id: str, hashes: bytes) -> None:
         if hashes:
             try:
-                self._client.submit(p.ReleaseLocks(req_id, hashes))
+                self._client.submit(p.ReleaseLocks(req_id, hashes), wait_to_send=False)
             except ServerUnavailableError:
                 pass
 
