@@ -385,6 +385,10 @@ class WorkerAdapter:
                 sending.add(req_id)
         return sending, recving
 
+    def flush(self, timeout: float | None = None) -> None:
+        """Waits until every load and store submitted so far has finished (simulator, tests)."""
+        self._io.submit(lambda: None).result(timeout)
+
     def take_load_errors(self) -> set[int]:
         with self._lock:
             errors, self._load_errors = self._load_errors, set()

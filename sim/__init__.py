@@ -1,0 +1,1 @@
+"""`python -m sim`: plays vLLM against a live LMCache server and checks every byte it gets back."""

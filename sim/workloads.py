@@ -1,0 +1,99 @@
+"""Where the simulator's requests come from: Mooncake traces and synthetic generators.
+
+Every request is (arrival time in seconds, prompt token ids). Token ids are deterministic, so
+two requests share a prefix exactly when their sources say they do.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 32_000
+TRACE_BLOCK = 512  # tokens behind one Mooncake hash id
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    req_id: str
+    arrival_s: float
+    tokens: list[int]
+
+
+def _block_tokens(hash_id: int) -> list[int]:
+    return np.random.default_rng([0x4C4D43, hash_id]).integers(1, VOCAB, TRACE_BLOCK).tolist()
+
+
+def mooncake(path: Path, limit: int | None = None) -> Iterator[SimRequest]:
+    """A Mooncake trace: each hash id stands for 512 deterministic tokens; prompts are cut to
+    ``input_length``, so prefix sharing is exactly the trace's."""
+    cache: dict[int, list[int]] = {}
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                return
+            row = json.loads(line)
+            tokens: list[int] = []
+            for hash_id in row["hash_ids"]:
+                if hash_id not in cache:
+                    cache[hash_id] = _block_tokens(hash_id)
+                tokens.extend(cache[hash_id])
+            yield SimRequest(f"t{i}", row["timestamp"] / 1000, tokens[: row["input_length"]])
+
+
+def trace_chunk_keys(path: Path, chunk_size: int, limit: int | None = None) -> Iterator[tuple[int, list[tuple]]]:
+    """(input length, identity of each whole chunk) per request, from the hash ids alone: what a
+    replay's hits must match. Needs chunk_size to divide the 512-token trace blocks."""
+    assert TRACE_BLOCK % chunk_size == 0
+    per_block = TRACE_BLOCK // chunk_size
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                return
+            row = json.loads(line)
+            n = row["input_length"] // chunk_size
+            ids = row["hash_ids"]
+            yield row["input_length"], [(tuple(ids[: k // per_block + 1]), k % per_block) for k in range(n)]
+
+
+KINDS = ("chat", "system-prompt", "rag", "random", "repeat")
+
+
+def synthetic(kind: str, requests: int, prompt_tokens: int, seed: int = 0) -> Iterator[SimRequest]:
+    """Workloads users recognise. ``prompt_tokens`` sets the typical prompt size."""
+    rng = random.Random(seed)
+
+    def text(n: int) -> list[int]:
+        return [rng.randrange(1, VOCAB) for _ in range(n)]
+
+    if kind == "repeat":  # every prompt twice in a row: store, then load
+        for i in range(requests):
+            prompt = text(prompt_tokens) if i % 2 == 0 else prompt
+            yield SimRequest(f"s{i}", float(i), prompt)
+    elif kind == "random":  # no reuse at all
+        for i in range(requests):
+            yield SimRequest(f"s{i}", float(i), text(prompt_tokens))
+    elif kind == "system-prompt":  # one long shared system prompt, short questions
+        system = text(prompt_tokens)
+        for i in range(requests):
+            yield SimRequest(f"s{i}", float(i), system + text(max(8, prompt_tokens // 8)))
+    elif kind == "rag":  # a few documents from a pool, then a question
+        pool = [text(prompt_tokens // 2) for _ in range(8)]
+        for i in range(requests):
+            docs = rng.sample(range(len(pool)), 2)
+            yield SimRequest(f"s{i}", float(i), pool[docs[0]] + pool[docs[1]] + text(32))
+    elif kind == "chat":  # conversations whose every turn repeats the history
+        conversations: list[list[int]] = []
+        for i in range(requests):
+            if not conversations or rng.random() < 0.3:
+                conversations.append(text(prompt_tokens // 2))
+            c = rng.randrange(len(conversations))
+            conversations[c] = conversations[c] + text(prompt_tokens // 4)  # answer + next question
+            yield SimRequest(f"s{i}", float(i), list(conversations[c]))
+    else:
+        raise ValueError(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
