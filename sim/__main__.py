@@ -128,10 +128,24 @@ def _run(source: Iterable[SimRequest], total: int, o: dict[str, Any]) -> int:
         with MPClient(host, port, timeout_s=10) as client:
             after = client.status()["l1"]
     result = _report(engine.stats, wall, after["evictions"] - before["evictions"])
+    result["memcpy_gbps"] = _memcpy_gbps(engine.chunk_bytes(chunk) * 16)  # the ceiling, this run
     _print(result, engine.stats)
     if o["report"] is not None:
         o["report"].write_text(json.dumps(result, indent=2))
     return 1 if result["mismatched_bytes"] else 0
+
+
+def _memcpy_gbps(nbytes: int) -> float:
+    """A plain copy of ``nbytes`` on this machine now, to set the figures against."""
+    import numpy as np
+
+    src, dst = np.ones(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
 
 
 def _scribble_on_l1(server_pid: int) -> None:
