@@ -74,7 +74,7 @@ def replay(
     """Replay a Mooncake trace (hash ids become deterministic tokens), one request at a time."""
     opts = _options(requests, l1_size_gb, eviction_policy, chunk_size, host, port, engines, layout, block_size,
                     model_shape, num_blocks, transfer_mode, report, test_corrupt_l1_after)
-    sys.exit(_run(mooncake(trace, requests), requests, opts))
+    sys.exit(_exit_status(_run(mooncake(trace, requests), requests, opts)))
 
 
 @app.command()
@@ -92,10 +92,67 @@ def synth(
         raise typer.BadParameter(f"must be one of {', '.join(KINDS)}", param_hint="'KIND'")
     opts = _options(requests, l1_size_gb, eviction_policy, chunk_size, host, port, engines, layout, block_size,
                     model_shape, num_blocks, transfer_mode, report, test_corrupt_l1_after)
-    sys.exit(_run(synthetic(kind, requests, prompt_tokens, seed), requests, opts))
+    sys.exit(_exit_status(_run(synthetic(kind, requests, prompt_tokens, seed), requests, opts)))
 
 
-def _run(source: Iterable[SimRequest], total: int, o: dict[str, Any]) -> int:
+@app.command()
+def sweep(
+    trace: Annotated[Path, typer.Argument(help="A Mooncake JSONL trace.", exists=True, dir_okay=False)],
+    l1_size_gb: Annotated[str, typer.Option("--l1-size-gb", help="Comma-separated L1 sizes in GB.")] = "0.01,0.03,0.1,0.3,1",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of hit rate against L1 size.")] = None,
+    requests: Requests = 1000, eviction_policy: Policy = "LRU", chunk_size: Chunk = 256, layout: Layout = "LBHNC",
+    block_size: BlockSize = 16, model_shape: Shape = "tiny", num_blocks: Blocks = 8192,
+    transfer_mode: Mode = "auto", report: Report = None,
+) -> None:
+    """Replay a trace once per L1 size: the hit rate an operator gets for each size of server."""
+    try:
+        sizes = [float(x) for x in l1_size_gb.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("must be comma-separated numbers, e.g. 1,2,4", param_hint="'--l1-size-gb'") from None
+    rows = []
+    for size in sizes:
+        opts = _options(requests, size, eviction_policy, chunk_size, None, None, 1, layout, block_size,
+                        model_shape, num_blocks, transfer_mode, None, 0)
+        result = _run(mooncake(trace, requests), requests, opts)
+        rows.append({"l1_size_gb": size, **result})
+        if result["mismatched_bytes"]:
+            break
+    if report is not None:
+        report.write_text(json.dumps(rows, indent=2))
+    if plot is not None:
+        _plot(rows, plot, trace.name)
+    table = Table(title=f"hit rate by L1 size: {trace.name}, {requests} requests")
+    for column in ("L1 GB", "hit rate", "evictions", "mismatched bytes"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(f"{row['l1_size_gb']:g}", f"{row['hit_rate']:.1%}", str(row["evictions"]), str(row["mismatched_bytes"]))
+    console.print(table)
+    sys.exit(_exit_status(*rows))
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([r["l1_size_gb"] for r in rows], [100 * r["hit_rate"] for r in rows], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("L1 size (GB)")
+    ax.set_ylabel("hit rate (% of prompt tokens)")
+    ax.set_title(f"LMCache hit rate: {title}")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _exit_status(*results: dict[str, Any]) -> int:
+    return 1 if any(r["mismatched_bytes"] for r in results) else 0
+
+
+def _run(source: Iterable[SimRequest], total: int, o: dict[str, Any]) -> dict[str, Any]:
     with ExitStack() as stack:
         server = None
         if o["port"] is None:
@@ -132,7 +189,7 @@ def _run(source: Iterable[SimRequest], total: int, o: dict[str, Any]) -> int:
     _print(result, engine.stats)
     if o["report"] is not None:
         o["report"].write_text(json.dumps(result, indent=2))
-    return 1 if result["mismatched_bytes"] else 0
+    return result
 
 
 def _memcpy_gbps(nbytes: int) -> float:

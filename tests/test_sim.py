@@ -87,3 +87,41 @@ def test_a_corrupted_chunk_is_reported_and_fails_the_run(tmp_path: Path) -> None
     assert code == 1
     assert report["mismatched_bytes"] > 0
     assert "MISMATCH request s1 chunk 0" in output
+
+
+def make_trace(path: Path, requests: int = 40) -> Path:
+    """A small trace in the Mooncake format: conversations that share growing prefixes."""
+    import random
+
+    rng = random.Random(0)
+    next_id, conversations, lines = 0, [], []
+    for i in range(requests):
+        if not conversations or rng.random() < 0.3:
+            conversations.append([])
+        conv = conversations[rng.randrange(len(conversations))]
+        for _ in range(rng.randint(1, 3)):
+            conv.append(next_id)
+            next_id += 1
+        length = 512 * len(conv) - rng.randrange(0, 400)
+        lines.append(json.dumps({"timestamp": i * 100, "input_length": length, "output_length": 10, "hash_ids": list(conv)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sweep_writes_a_plot_and_hit_rates_that_grow_with_l1(tmp_path: Path) -> None:
+    trace = make_trace(tmp_path / "trace.jsonl")
+    plot = tmp_path / "hit-rate.png"
+    report = tmp_path / "sweep.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "sim", "sweep", str(trace), "--requests", "40", "--l1-size-gb", "0.0002,0.01",
+         "--plot", str(plot), "--report", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(report.read_text())
+    assert [r["l1_size_gb"] for r in rows] == [0.0002, 0.01]
+    assert all(r["mismatched_bytes"] == 0 for r in rows)
+    assert rows[0]["evictions"] > 0 and rows[1]["evictions"] == 0
+    assert rows[0]["hit_rate"] < rows[1]["hit_rate"]
+    assert rows[1]["hit_tokens"] == expected_hit_tokens(trace, 40)
