@@ -97,35 +97,34 @@ class SimEngine:
         """One block of one layer as [tokens, heads, C]: a view of vLLM's [blocks, heads, tokens, C]."""
         return t[block].permute(1, 0, 2)
 
-    def forward(self, tokens: list[int], blocks: list[int], start: int, end: int) -> None:
+    def _spans(self, blocks: list[int], start: int, end: int):
+        """(block, first slot, first value index, count) for positions [start, end), block by block."""
         bs = self.block_size
+        pos = start
+        while pos < end:
+            slot = pos % bs
+            n = min(bs - slot, end - pos)
+            yield blocks[pos // bs], slot, pos - start, n
+            pos += n
+
+    def forward(self, tokens: list[int], blocks: list[int], start: int, end: int) -> None:
         for rank, kv in enumerate(self.kv):
             for layer, t in enumerate(kv):
                 values = self._values(rank, layer, tokens, start, end)
-                pos = start
-                while pos < end:
-                    block, slot = blocks[pos // bs], pos % bs
-                    n = min(bs - slot, end - pos)
-                    self._token_view(t, block)[slot : slot + n] = values[pos - start : pos - start + n]
-                    pos += n
+                for block, slot, i, n in self._spans(blocks, start, end):
+                    self._token_view(t, block)[slot : slot + n] = values[i : i + n]
 
     def verify(self, req_id: str, tokens: list[int], blocks: list[int], start: int, end: int, chunk: int) -> None:
-        bs = self.block_size
         for rank, kv in enumerate(self.kv):
             for layer, t in enumerate(kv):
                 want = self._values(rank, layer, tokens, start, end)
-                pos = start
-                while pos < end:
-                    block, slot = blocks[pos // bs], pos % bs
-                    n = min(bs - slot, end - pos)
-                    got = self._token_view(t, block)[slot : slot + n]
-                    exp = want[pos - start : pos - start + n]
-                    g = got.contiguous().view(torch.uint8).numpy().ravel()
-                    e = exp.contiguous().view(torch.uint8).numpy().ravel()
-                    bad = np.flatnonzero(g != e)
+                for block, slot, i, n in self._spans(blocks, start, end):
+                    got = self._token_view(t, block)[slot : slot + n].contiguous().view(torch.uint8).numpy().ravel()
+                    exp = want[i : i + n].contiguous().view(torch.uint8).numpy().ravel()
+                    bad = np.flatnonzero(got != exp)
                     if bad.size:
+                        pos = start + i
                         self.stats.mismatches.append(Mismatch(req_id, pos // chunk, layer, rank, int(bad[0]), int(bad.size)))
-                    pos += n
 
     # --- one request, in vLLM's call order -------------------------------------------------------
 
