@@ -288,7 +288,7 @@ class CacheEngine:
         n = len(hashes) // HASH_BYTES
         blocks = self._blocks(reg, n, block_ids)
         start = time.perf_counter()
-        res = self.l1.reserve(reg.scope(salt), split_hashes(hashes), reg.object_bytes)
+        res = self.begin_store(reg.scope(salt), hashes, reg.object_bytes)
         ok = [False] * n
         try:
             for i, handle in enumerate(res.handles):
@@ -317,7 +317,7 @@ class CacheEngine:
         if skip_blocks < 0:
             raise RequestError(f"skip_blocks must be >= 0 (got {skip_blocks})")
         start = time.perf_counter()
-        handles = self.l1.acquire(reg.scope(salt), split_hashes(hashes))
+        handles = self.begin_retrieve(reg.scope(salt), hashes)
         written = 0
         try:
             bpc = reg.blocks_per_chunk
@@ -353,8 +353,7 @@ class CacheEngine:
     def prepare_store(self, instance_id: str, hashes: bytes, salt: str = "") -> tuple[int, list[int], int, int]:
         """Reserves slots for the chunks not cached yet: (ticket, offsets (-1: none), present, skipped)."""
         reg = self._registration(instance_id)
-        _check_hashes(hashes)
-        res = self.l1.reserve(reg.scope(salt), split_hashes(hashes), reg.object_bytes)
+        res = self.begin_store(reg.scope(salt), hashes, reg.object_bytes)
         offsets = [h.obj.offset if h is not None else -1 for h in res.handles]
         return self._ticket(_Ticket("store", reg, res.handles)), offsets, res.present, res.skipped
 
@@ -372,8 +371,7 @@ class CacheEngine:
     def prepare_retrieve(self, instance_id: str, hashes: bytes, salt: str = "") -> tuple[int, list[int]]:
         """Read-locks the leading cached chunks: (ticket, their offsets in the arena)."""
         reg = self._registration(instance_id)
-        _check_hashes(hashes)
-        handles = self.l1.acquire(reg.scope(salt), split_hashes(hashes))
+        handles = self.begin_retrieve(reg.scope(salt), hashes)
         leading = next((i for i, h in enumerate(handles) if h is None), len(handles))
         self.l1.release(handles[leading:])
         kept = handles[:leading]
@@ -402,7 +400,7 @@ class CacheEngine:
             del self._tickets[number]
         return ticket
 
-    # --- stores and retrieves by hand (lmcache_driven copies bytes between begin and end) -------
+    # --- the brackets every store and retrieve goes through; bytes are copied in between ----------
 
     def begin_store(self, scope: CacheScope, hashes: bytes, nbytes: int) -> Reservation:
         _check_scope(scope)
