@@ -56,7 +56,7 @@ class ServerError(RuntimeError):
 class ReplyFuture:
     """The pending reply to one request."""
 
-    __slots__ = ("_client", "_deadline", "_done", "_event", "_reply", "request_id")
+    __slots__ = ("_client", "_deadline", "_done", "_event", "_reply", "done_at", "request_id")
 
     def __init__(self, client: MPClient, request_id: bytes, deadline: float) -> None:
         self._client = client
@@ -64,6 +64,7 @@ class ReplyFuture:
         self._event: threading.Event | None = None  # made only if a thread waits on another's pump
         self._reply: p.Reply | BaseException | None = None
         self._done = False
+        self.done_at = 0.0  # time.monotonic() when the reply (or failure) was taken in
         self.request_id = request_id
 
     def done(self) -> bool:
@@ -95,6 +96,7 @@ class ReplyFuture:
 
     def _set(self, reply: p.Reply | BaseException) -> None:
         self._reply = reply
+        self.done_at = time.monotonic()
         self._done = True
         event = self._event
         if event is not None:

