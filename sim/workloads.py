@@ -79,8 +79,10 @@ def _synthetic(kind: str, requests: int, prompt_tokens: int, seed: int) -> Itera
         return [rng.randrange(1, VOCAB) for _ in range(n)]
 
     if kind == "repeat":  # every prompt twice in a row: store, then load
+        prompt: list[int] = []
         for i in range(requests):
-            prompt = text(prompt_tokens) if i % 2 == 0 else prompt
+            if i % 2 == 0:
+                prompt = text(prompt_tokens)
             yield SimRequest(f"s{i}", float(i), prompt)
     elif kind == "random":  # no reuse at all
         for i in range(requests):
