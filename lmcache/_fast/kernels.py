@@ -156,9 +156,12 @@ def cuda_copy_pages_kernel(word_bytes: int = 1):
     return _cuda_kernels[key]
 
 
-def cuda_copy_pages(src, src_offsets: np.ndarray, dst, dst_offsets: np.ndarray, page_bytes: int, threads: int = 256) -> None:
-    """Launches the CUDA kernel on uint8 device arrays (host arrays under the simulator), copying
-    in the widest words (up to 8 bytes) that every offset, the page size and both buffers allow."""
+def cuda_copy_pages(
+    src, src_offsets: np.ndarray, dst, dst_offsets: np.ndarray, page_bytes: int, threads: int = 256, stream=0
+) -> None:
+    """Launches the CUDA kernel on uint8 device arrays (host arrays under the simulator), on
+    ``stream``, copying in the widest words (up to 8 bytes) that every offset, the page size and
+    both buffers allow."""
     src_offsets = np.asarray(src_offsets, dtype=np.int64)
     dst_offsets = np.asarray(dst_offsets, dtype=np.int64)
     if src_offsets.size == 0:
@@ -170,6 +173,8 @@ def cuda_copy_pages(src, src_offsets: np.ndarray, dst, dst_offsets: np.ndarray, 
     ):
         word //= 2
     view = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}[word]
-    cuda_copy_pages_kernel(word)[src_offsets.size, threads](
-        src.view(view), src_offsets // word, dst.view(view), dst_offsets // word, page_bytes // word
-    )
+    kernel = cuda_copy_pages_kernel(word)
+    src_words, dst_words = src_offsets // word, dst_offsets // word
+    if stream:  # the offsets go up on the same stream, so nothing waits on the host
+        src_words, dst_words = cuda.to_device(src_words, stream=stream), cuda.to_device(dst_words, stream=stream)
+    kernel[src_offsets.size, threads, stream](src.view(view), src_words, dst.view(view), dst_words, page_bytes // word)

@@ -19,13 +19,12 @@ def storage_array(storage) -> np.ndarray:
     return torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
 
 
-class RegisteredCache:
-    def __init__(self, layout: PageLayout, storages: Sequence[np.ndarray], chunk_size: int) -> None:
+class PagePlan:
+    """Where a chunk's pages are: in the engine's storages (by block id) and inside a chunk object."""
+
+    def __init__(self, layout: PageLayout, chunk_size: int) -> None:
         layout.validate()
-        if len(storages) != len(layout.storage_bytes):
-            raise ValueError(f"the layout has {len(layout.storage_bytes)} storages, {len(storages)} were mapped")
         self.layout = layout
-        self.storages = list(storages)
         self.blocks_per_chunk = layout.blocks_per_chunk(chunk_size)
         self.object_bytes = layout.object_bytes(chunk_size)
         # Layers grouped by storage: one kernel call per storage per chunk (one in vLLM 0.33).
@@ -39,9 +38,6 @@ class RegisteredCache:
             np.arange(layout.num_layers * pages_per_layer, dtype=np.int64).reshape(layout.num_layers, -1)
             * layout.page_bytes
         )
-        # Load (or compile) the kernel now, at registration, rather than in the first store.
-        none = np.zeros(0, dtype=np.int64)
-        copy_pages(self.storages[0], none, self.storages[0], none, layout.page_bytes)
 
     def check_blocks(self, n_chunks: int, block_ids: Sequence[int]) -> np.ndarray:
         """The block ids as an array of shape (n_chunks, blocks_per_chunk); raises ValueError."""
@@ -54,6 +50,17 @@ class RegisteredCache:
         if blocks.size and (blocks.min() < 0 or blocks.max() >= self.layout.num_blocks):
             raise ValueError(f"block ids must lie in [0, {self.layout.num_blocks})")
         return blocks.reshape(n_chunks, self.blocks_per_chunk)
+
+
+class RegisteredCache(PagePlan):
+    def __init__(self, layout: PageLayout, storages: Sequence[np.ndarray], chunk_size: int) -> None:
+        super().__init__(layout, chunk_size)
+        if len(storages) != len(layout.storage_bytes):
+            raise ValueError(f"the layout has {len(layout.storage_bytes)} storages, {len(storages)} were mapped")
+        self.storages = list(storages)
+        # Load (or compile) the kernel now, at registration, rather than in the first store.
+        none = np.zeros(0, dtype=np.int64)
+        copy_pages(self.storages[0], none, self.storages[0], none, layout.page_bytes)
 
     def gather(self, blocks: np.ndarray, arena: np.ndarray, object_offset: int) -> None:
         """Copies the pages of one chunk's ``blocks`` into the object at ``object_offset``."""

@@ -1,0 +1,191 @@
+"""The few CUDA operations the server's GPU path needs, behind one small interface.
+
+``CupyRuntime`` is the real one: CuPy's runtime API for IPC memory and events, streams and
+async copies, with our Numba kernels launched on the same stream. ``SimulatedRuntime`` runs the
+same calls on host memory with Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), so the GPU copy
+logic is tested byte for byte on machines without a GPU; it has no IPC and no real concurrency.
+
+One runtime serves one device. Its stream is the server's own: engine events are waited on
+there, never on the host, so vLLM's forward pass is never stalled by the server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lmcache._fast.kernels import cuda_copy_pages
+from lmcache.transfer.cuda_ipc import HANDLE_BYTES, CudaIpcStorage, IpcError, normalize_uuid
+
+SERVER_EVENTS = 64  # interprocess events per device, recorded in turn after copies
+
+
+class CupyRuntime:
+    def __init__(self, device_uuid: str, arena: np.ndarray) -> None:
+        try:
+            import cupy
+            from numba import cuda
+        except ImportError as e:
+            raise IpcError(f"the server has no CUDA support installed (CuPy and numba-cuda): {e}") from None
+        self._cupy, self._cuda = cupy, cuda
+        rt = cupy.cuda.runtime
+        self.uuid = normalize_uuid(device_uuid)
+        try:
+            visible = [normalize_uuid(d.uuid) for d in cuda.list_devices()]
+        except Exception as e:  # noqa: BLE001 - no driver, no device: one clear error
+            raise IpcError(f"the server cannot use CUDA: {e}") from None
+        if self.uuid not in visible:
+            raise IpcError(f"the server cannot see the engine's GPU {self.uuid} (it sees: {', '.join(visible) or 'none'})")
+        self.device = visible.index(self.uuid)
+        self._rt = rt
+        self._lock = threading.Lock()
+        with cupy.cuda.Device(self.device):
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+            self._numba_stream = cuda.external_stream(self._stream.ptr)
+            flags = rt.eventDisableTiming | rt.eventInterprocess
+            self._events = [rt.eventCreateWithFlags(flags) for _ in range(SERVER_EVENTS)]
+            self.event_handles = [rt.ipcGetEventHandle(e) for e in self._events]
+            self._next_event = 0
+            # Page-locked L1: host<->device copies at full speed, and the kernels can reach it.
+            self._arena_ptr = arena.ctypes.data
+            rt.hostRegister(self._arena_ptr, arena.nbytes, rt.hostAllocMapped | rt.hostAllocPortable)
+            self._arena_dev = self._device_array(self._arena_ptr, arena.nbytes, owner=arena)
+        self._opened_events: dict[bytes, int] = {}
+
+    def _device_array(self, ptr: int, nbytes: int, owner: Any) -> Any:
+        cupy = self._cupy
+        memory = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device_id=self.device)
+        return cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
+
+    # -- IPC memory
+    def open_storages(self, storages: Sequence[CudaIpcStorage]) -> tuple[list[Any], list[int]]:
+        """Device arrays over the engine's storages, and the pointers to close later."""
+        arrays, opened = [], []
+        with self._cupy.cuda.Device(self.device):
+            try:
+                for s in storages:
+                    base = self._rt.ipcOpenMemHandle(bytes(s.handle))
+                    opened.append(base)
+                    arrays.append(self._device_array(base + s.offset, s.nbytes, owner=None))
+            except Exception as e:  # noqa: BLE001 - a stale or foreign handle
+                self.close_storages(opened)
+                raise IpcError(f"cannot open the engine's CUDA IPC handle: {e}") from None
+        return arrays, opened
+
+    def close_storages(self, opened: Sequence[int]) -> None:
+        with self._cupy.cuda.Device(self.device):
+            for base in opened:
+                try:
+                    self._rt.ipcCloseMemHandle(base)
+                except Exception:  # noqa: BLE001 - the engine may be gone already
+                    pass
+
+    # -- the server's stream
+    def wait_for(self, event_handle: bytes) -> None:
+        """Makes the stream wait for the engine's event (recorded after its forward pass)."""
+        if not event_handle:
+            return
+        if len(event_handle) != HANDLE_BYTES:
+            raise IpcError(f"an IPC event handle is {HANDLE_BYTES} bytes, got {len(event_handle)}")
+        with self._cupy.cuda.Device(self.device):
+            event = self._opened_events.get(event_handle)
+            if event is None:
+                try:
+                    event = self._rt.ipcOpenEventHandle(bytes(event_handle))
+                except Exception as e:  # noqa: BLE001
+                    raise IpcError(f"cannot open the engine's CUDA event: {e}") from None
+                self._opened_events[event_handle] = event
+            self._rt.streamWaitEvent(self._stream.ptr, event, 0)
+
+    def copy_pages(self, src: Any, src_offsets: np.ndarray, dst: Any, dst_offsets: np.ndarray, page_bytes: int) -> None:
+        as_array = self._cuda.as_cuda_array  # sync=False: the stream orders the work, not the host
+        with self._cupy.cuda.Device(self.device):
+            cuda_copy_pages(as_array(src, sync=False), src_offsets, as_array(dst, sync=False), dst_offsets,
+                            page_bytes, stream=self._numba_stream)
+
+    def copy(self, dst: Any, dst_offset: int, src: Any, src_offset: int, nbytes: int) -> None:
+        """An async copy between device, staging or pinned host memory (by unified addresses)."""
+        with self._cupy.cuda.Device(self.device):
+            self._rt.memcpyAsync(dst.data.ptr + dst_offset, src.data.ptr + src_offset, nbytes,
+                                 self._rt.memcpyDefault, self._stream.ptr)
+
+    def arena(self) -> Any:
+        """The pinned L1 arena as the device sees it."""
+        return self._arena_dev
+
+    def staging(self, nbytes: int) -> Any:
+        with self._cupy.cuda.Device(self.device):
+            return self._cupy.empty(nbytes, dtype=self._cupy.uint8)
+
+    def mark(self) -> tuple[int, Any]:
+        """Records the next server event after everything queued so far: (its index, a
+        marker the host can wait on)."""
+        with self._lock, self._cupy.cuda.Device(self.device):
+            index = self._next_event
+            self._next_event = (index + 1) % SERVER_EVENTS
+            self._rt.eventRecord(self._events[index], self._stream.ptr)
+            marker = self._cupy.cuda.Event(block=False, disable_timing=True)
+            marker.record(self._stream)
+        return index, marker
+
+    def wait_marker(self, marker: Any) -> None:
+        marker.synchronize()
+
+    def close(self) -> None:
+        with self._cupy.cuda.Device(self.device):
+            self._stream.synchronize()
+            for event in self._opened_events.values():
+                self._rt.eventDestroy(event)
+            self._opened_events.clear()
+            try:
+                self._rt.hostUnregister(self._arena_ptr)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class SimulatedRuntime:
+    """Host memory standing in for a device; kernels run in Numba's CUDA simulator."""
+
+    def __init__(self, arena: np.ndarray, device_uuid: str = "0" * 32) -> None:
+        self.uuid = normalize_uuid(device_uuid)
+        self.device = 0
+        self._arena = arena
+        self.event_handles = [bytes([i + 1]) * HANDLE_BYTES for i in range(SERVER_EVENTS)]
+        self._next_event = 0
+        self.waited: list[bytes] = []
+
+    def open_storages(self, storages: Sequence[Any]) -> tuple[list[Any], list[int]]:
+        return list(storages), []  # here the "handles" are the arrays themselves
+
+    def close_storages(self, opened: Sequence[int]) -> None:
+        pass
+
+    def wait_for(self, event_handle: bytes) -> None:
+        if event_handle:
+            self.waited.append(event_handle)
+
+    def copy_pages(self, src: Any, src_offsets: np.ndarray, dst: Any, dst_offsets: np.ndarray, page_bytes: int) -> None:
+        cuda_copy_pages(src, src_offsets, dst, dst_offsets, page_bytes, threads=32)
+
+    def copy(self, dst: Any, dst_offset: int, src: Any, src_offset: int, nbytes: int) -> None:
+        dst[dst_offset : dst_offset + nbytes] = src[src_offset : src_offset + nbytes]
+
+    def arena(self) -> Any:
+        return self._arena
+
+    def staging(self, nbytes: int) -> Any:
+        return np.zeros(nbytes, dtype=np.uint8)
+
+    def mark(self) -> tuple[int, Any]:
+        index = self._next_event
+        self._next_event = (index + 1) % SERVER_EVENTS
+        return index, None
+
+    def wait_marker(self, marker: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
