@@ -77,6 +77,10 @@ def server(
     lock_ttl: Annotated[
         float, typer.Option("--lock-ttl", help="Seconds after which a dead client's locks on cached chunks expire.")
     ] = 60.0,
+    gpu_copy: Annotated[
+        str, typer.Option("--gpu-copy", metavar="staging|mapped",
+                          help="How GPU engines' KV crosses PCIe: a device buffer and DMA, or kernels on mapped pinned L1.")
+    ] = "staging",
 ) -> int:
     """Run the LMCache cache server (ZMQ for vLLM, HTTP for operators) until SIGINT or SIGTERM."""
     try:
@@ -92,6 +96,7 @@ def server(
             log_level=log_level,
             lock_ttl_s=lock_ttl,
             l1_shm=l1_shm,
+            gpu_copy=gpu_copy,
         )
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint=f"'{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}'") from None

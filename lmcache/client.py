@@ -131,6 +131,7 @@ class KVRegistration:
     blocks_per_chunk: int
     mode: str = "engine_driven"
     copier: _EngineCopier | None = None
+    gpu: Any = None  # cuda_ipc: the engine's GpuSync
 
     def scope(self, salt: str = "") -> CacheScope:
         return CacheScope(self.model, self.world_size, self.rank, self.page_format, salt)
@@ -197,9 +198,10 @@ class MPClient:
         mode: str = "auto",
         timeout: float | None = None,
     ) -> KVRegistration:
-        """Registers vLLM's per-layer KV tensors (CPU tensors).
+        """Registers vLLM's per-layer KV tensors.
 
-        ``mode``: ``engine_driven`` moves the tensors' storages into POSIX SHM segments (the
+        GPU tensors are always registered in ``cuda_ipc`` mode: the server opens them over CUDA
+        IPC and copies on its own stream. For CPU tensors, ``mode``: ``engine_driven`` moves the tensors' storages into POSIX SHM segments (the
         tensors keep working and keep their contents) and the server copies pages itself; the
         segment names are unlinked once the server has answered, so nothing is left behind if
         either side dies. ``lmcache_driven`` keeps the tensors where they are: this process
@@ -208,6 +210,8 @@ class MPClient:
         """
         logger.info("Registering kv caches!")
         tensors = list(tensors)
+        if tensors and getattr(tensors[0], "is_cuda", False):
+            return self._register_gpu(tensors, model, world_size, rank, instance_id, kv_split, mode, timeout)
         if mode not in ("auto", "engine_driven", "lmcache_driven"):
             raise ValueError(f"unknown transfer mode {mode!r} (auto, engine_driven, lmcache_driven)")
         offered = self.hello(client_name="kv-engine", timeout=timeout).transfer_modes
@@ -235,18 +239,42 @@ class MPClient:
             instance_id, model, world_size, rank, layout, reply.page_format, reply.blocks_per_chunk, mode, copier
         )
 
+    def _register_gpu(
+        self, tensors: list[Any], model: str, world_size: int, rank: int, instance_id: str | None,
+        kv_split: str | None, mode: str, timeout: float | None,
+    ) -> KVRegistration:
+        from lmcache.transfer.cuda_engine import GpuSync
+        from lmcache.transfer.cuda_ipc import export_storages
+
+        if mode not in ("auto", "cuda_ipc"):
+            raise ValueError(f"GPU KV caches are registered in cuda_ipc mode, not {mode!r}")
+        logger.info("Creating transfer context (device_type=cuda, mode=cuda_ipc)")
+        layout, storages = describe(tensors, kv_split)
+        instance_id = instance_id or f"{os.getpid()}"
+        request = p.RegisterKVCache(instance_id, model, world_size, rank, layout, [], "cuda_ipc", export_storages(storages))
+        reply = self.call(request, p.Registered, timeout)
+        gpu = GpuSync(tensors[0].device, reply.events)
+        return KVRegistration(
+            instance_id, model, world_size, rank, layout, reply.page_format, reply.blocks_per_chunk, "cuda_ipc", gpu=gpu
+        )
+
     def unregister_kv_caches(self, registration: KVRegistration, timeout: float | None = None) -> None:
         self.call(p.UnregisterKVCache(registration.instance_id), p.Unregistered, timeout)
 
     def store(
         self, registration: KVRegistration, hashes: bytes, block_ids: Sequence[int], salt: str = "",
-        timeout: float | None = None,
+        timeout: float | None = None, event: bytes | None = None,
     ) -> p.StoreReply:
         """Copies the chunks ``hashes`` from ``block_ids`` (blocks_per_chunk per chunk) into L1."""
         copier = registration.copier
         if copier is None:
-            request = p.Store(registration.instance_id, hashes, list(block_ids), salt)
-            return self.call(request, p.StoreReply, timeout)
+            if registration.gpu is not None and event is None:
+                event = registration.gpu.ready()  # on this thread's stream: pass ``event`` from vLLM's
+            request = p.Store(registration.instance_id, hashes, list(block_ids), salt, event or b"")
+            reply = self.call(request, p.StoreReply, timeout)
+            if registration.gpu is not None:
+                registration.gpu.last = reply.event
+            return reply
         blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
         slots = self.call(p.PrepareStore(registration.instance_id, hashes, salt), p.Slots, timeout)
         ok = [False] * len(slots.offsets)
@@ -261,13 +289,18 @@ class MPClient:
 
     def retrieve(
         self, registration: KVRegistration, hashes: bytes, block_ids: Sequence[int], skip_blocks: int = 0,
-        salt: str = "", timeout: float | None = None,
+        salt: str = "", timeout: float | None = None, event: bytes | None = None,
     ) -> int:
         """Copies the leading cached chunks into ``block_ids``; returns how many were written."""
         copier = registration.copier
         if copier is None:
-            request = p.Retrieve(registration.instance_id, hashes, list(block_ids), skip_blocks, salt)
-            return self.call(request, p.RetrieveReply, timeout).retrieved
+            if registration.gpu is not None and event is None:
+                event = registration.gpu.ready()  # on this thread's stream: pass ``event`` from vLLM's
+            request = p.Retrieve(registration.instance_id, hashes, list(block_ids), skip_blocks, salt, event or b"")
+            reply = self.call(request, p.RetrieveReply, timeout)
+            if registration.gpu is not None:
+                registration.gpu.last = reply.event
+            return reply.retrieved
         blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
         slots = self.call(p.PrepareRetrieve(registration.instance_id, hashes, salt), p.Slots, timeout)
         written = 0

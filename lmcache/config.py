@@ -66,6 +66,9 @@ class ServerConfig:
     # A request frame above this gets an Error reply. Requests carry keys and block ids only
     # (a 1M-token prompt is 4096 keys, about 100 KiB), so 8 MiB is generous.
     max_message_bytes: int = 8 << 20
+    # How GPU engines' pages cross PCIe: "staging" (device buffer + DMA) or "mapped" (the kernel
+    # reaches pinned L1 directly). scripts/gpu_check.sh measures both.
+    gpu_copy: str = "staging"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "host", strip_scheme(self.host))
@@ -90,6 +93,8 @@ class ServerConfig:
         for field in ("host", "http_host"):
             if not getattr(self, field):
                 raise ConfigError(field, "must not be empty")
+        if self.gpu_copy not in ("staging", "mapped"):
+            raise ConfigError("gpu_copy", f"must be staging or mapped (got {self.gpu_copy!r})")
 
     @property
     def l1_size_bytes(self) -> int:

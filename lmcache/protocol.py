@@ -22,7 +22,7 @@ id   message         purpose
 5    Lookup          leading chunks cached; optionally read-lock them
 6    ReleaseLocks    give back a session's lookup locks
 7    EndSession      forget a request: release all its locks
-8    RegisterKVCache an engine's paged KV cache: page layout + SHM segment names
+8    RegisterKVCache an engine's paged KV cache: page layout + SHM segments or CUDA IPC handles
 9    UnregisterKVCache
 10   Store           copy chunks out of registered blocks into L1
 11   Retrieve        copy cached chunks into registered blocks
@@ -56,6 +56,7 @@ import msgspec
 
 from lmcache.keys import CacheScope
 from lmcache.transfer.layouts import PageLayout
+from lmcache.transfer.cuda_ipc import CudaIpcStorage
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_ID_BYTES = 64
@@ -110,6 +111,7 @@ class RegisterKVCache(_Message, tag=8):
     layout: PageLayout
     segments: list[str]  # one SHM segment per storage of the layout, in order
     mode: str = "engine_driven"
+    cuda: list[CudaIpcStorage] = msgspec.field(default_factory=list)  # cuda_ipc: one per storage
 
 
 class UnregisterKVCache(_Message, tag=9):
@@ -121,6 +123,7 @@ class Store(_Message, tag=10):
     hashes: bytes  # the chunks, 16 bytes each
     block_ids: list[int]  # blocks_per_chunk per chunk, in order
     salt: str = ""
+    event: bytes = b""  # cuda_ipc: the engine's interprocess event to wait for before reading
 
 
 class Retrieve(_Message, tag=11):
@@ -129,6 +132,7 @@ class Retrieve(_Message, tag=11):
     block_ids: list[int]
     skip_blocks: int = 0  # leading blocks the engine already holds: not written
     salt: str = ""
+    event: bytes = b""  # cuda_ipc: the engine's interprocess event to wait for before writing
 
 
 class PrepareStore(_Message, tag=12):
@@ -202,6 +206,7 @@ class Registered(_Message, tag=107):
     object_bytes: int
     l1_segment: str = ""  # lmcache_driven: the arena to map ...
     l1_bytes: int = 0  # ... and its size
+    events: list[bytes] = msgspec.field(default_factory=list)  # cuda_ipc: the server's IPC events
 
 
 class Unregistered(_Message, tag=108):
@@ -212,10 +217,12 @@ class StoreReply(_Message, tag=109):
     stored: int  # chunks copied into L1 by this request
     present: int  # already cached (or being cached by another request)
     skipped: int  # no room in L1
+    event: int = -1  # cuda_ipc: index of the server event recorded after the copies
 
 
 class RetrieveReply(_Message, tag=110):
     retrieved: int  # leading chunks written into the blocks; the rest were not touched
+    event: int = -1  # cuda_ipc: index of the server event recorded after the copies
 
 
 class Slots(_Message, tag=111):

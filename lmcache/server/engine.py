@@ -9,7 +9,9 @@ from the ZMQ thread, worker threads and the HTTP loop at once.
 from __future__ import annotations
 
 import enum
+import importlib.util
 import itertools
+import queue
 import threading
 import time
 import uuid
@@ -28,6 +30,8 @@ from lmcache.log import init_logger
 from lmcache.storage.eviction import POLICIES
 from lmcache.storage.l1 import L1Cache, LockHandle, Reservation
 from lmcache.storage.memory import check_fits
+from lmcache.transfer import cuda_ipc
+from lmcache.transfer.gpu_cache import GpuCache
 from lmcache.transfer.layouts import LayoutError, PageLayout
 from lmcache.transfer.registered import RegisteredCache
 from lmcache.transfer.shm import SegmentError, arena_name, map_segment, remove_stale_arenas
@@ -56,7 +60,7 @@ class _Registration:
     mode: str
     blocks_per_chunk: int
     object_bytes: int
-    cache: RegisteredCache | None  # engine_driven: the mapped storages and page copies
+    cache: RegisteredCache | GpuCache | None  # engine_driven, cuda_ipc: the server copies pages
     segments: list[str]
 
     @property
@@ -100,8 +104,11 @@ class CacheEngine:
     # How often idle sessions (all locks expired) are forgotten.
     SESSION_SWEEP_S = 1.0
 
-    def __init__(self, config: ServerConfig, pool: MemoryPool | None = None) -> None:
+    def __init__(self, config: ServerConfig, pool: MemoryPool | None = None, gpu_runtime: Any = None) -> None:
+        """``gpu_runtime(device_uuid, arena)`` makes the CUDA runtime of a device (by default
+        CupyRuntime; tests without a GPU pass a SimulatedRuntime)."""
         self.config = config
+        self._make_gpu_runtime = gpu_runtime
         self.server_id = uuid.uuid4().hex
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -115,6 +122,10 @@ class CacheEngine:
             pool = MemoryPool(config.l1_size_bytes, shm_name=shm_name, prefault=False)  # faulted once serving
         # lmcache_driven needs an arena that engines can map.
         self.transfer_modes = ("engine_driven", "lmcache_driven") if pool.shm_name else ("engine_driven",)
+        if importlib.util.find_spec("cupy") is not None:
+            self.transfer_modes += ("cuda_ipc",)
+        self._gpus: dict[str, Any] = {}  # device UUID -> its CUDA runtime (the L1 arena pinned for it)
+        self._gpu_done = GpuCompletions()
         self.l1 = L1Cache(pool, POLICIES[config.eviction_policy], config.lock_ttl_s)
         self._arena = np.frombuffer(pool, dtype=np.uint8)  # what the kernels copy into and out of
         self._engines: dict[str, _Registration] = {}
@@ -141,8 +152,15 @@ class CacheEngine:
         """Releases everything the engine holds (the pool's memory included); idempotent."""
         with self._lock:
             self._state = EngineState.STOPPED
+            registrations = list(self._engines.values())
             self._engines.clear()
             self._sessions.clear()
+            gpus, self._gpus = list(self._gpus.values()), {}
+        for reg in registrations:
+            self._close_cache(reg)
+        self._gpu_done.close()
+        for runtime in gpus:
+            runtime.close()
         self.l1.clear()
         del self._arena
         self.l1.pool.close()
@@ -233,20 +251,29 @@ class CacheEngine:
     # --- registered KV caches ------------------------------------------------------------------
 
     def register_kv_cache(
-        self, instance_id: str, model: str, world_size: int, rank: int, layout: PageLayout, segments: Sequence[str], mode: str
+        self, instance_id: str, model: str, world_size: int, rank: int, layout: PageLayout, segments: Sequence[str],
+        mode: str, cuda: Sequence[cuda_ipc.CudaIpcStorage] = (),
     ) -> _Registration:
         """Registers an engine's KV cache; replaces an earlier registration of the same instance
         (an engine that restarted). In engine_driven mode the server maps the engine's storage
-        segments and copies pages itself; in lmcache_driven mode the engine copies, and the
+        segments and copies pages itself; in cuda_ipc mode it opens the engine's GPU storages
+        and copies on its own CUDA stream; in lmcache_driven mode the engine copies, and the
         server only needs the page format and the chunk size."""
-        if mode not in self.transfer_modes:
+        if mode not in self.transfer_modes and mode != "cuda_ipc":  # cuda_ipc: a precise error below
             served = ", ".join(self.transfer_modes)
             raise RequestError(f"transfer mode {mode!r} is not served here (served: {served})")
         _check_scope(CacheScope(model, world_size, rank))
+        object_bytes = 0
         try:
             layout.validate()
             blocks_per_chunk = layout.blocks_per_chunk(self.config.chunk_size)
-            cache = None
+            object_bytes = layout.object_bytes(self.config.chunk_size)
+            if object_bytes > self.l1.pool.slab_bytes:
+                raise LayoutError(
+                    f"a chunk of this model is {object_bytes} bytes, more than the L1 pool's slab of "
+                    f"{self.l1.pool.slab_bytes} bytes; use a smaller --chunk-size or a larger --l1-size-gb"
+                )
+            cache: RegisteredCache | GpuCache | None = None
             if mode == "engine_driven":
                 if len(segments) != len(layout.storage_bytes):
                     raise LayoutError(
@@ -254,34 +281,60 @@ class CacheEngine:
                     )
                 storages = [map_segment(name, size) for name, size in zip(segments, layout.storage_bytes)]
                 cache = RegisteredCache(layout, storages, self.config.chunk_size)
+            elif mode == "cuda_ipc":
+                cache = self._open_gpu_cache(layout, cuda)
         except (LayoutError, SegmentError, ValueError) as e:
             raise RequestError(f"cannot register KV cache of {instance_id}: {e}") from None
-        object_bytes = layout.object_bytes(self.config.chunk_size)
-        if object_bytes > self.l1.pool.slab_bytes:
-            raise RequestError(
-                f"a chunk of this model is {object_bytes} bytes, more than the L1 pool's slab of "
-                f"{self.l1.pool.slab_bytes} bytes; use a smaller --chunk-size or a larger --l1-size-gb"
-            )
         registration = _Registration(
             instance_id, model, world_size, rank, layout, mode, blocks_per_chunk, object_bytes, cache, list(segments)
         )
         with self._lock:
+            replaced = self._engines.get(instance_id)
             self._engines[instance_id] = registration
+        self._close_cache(replaced)
         logger.info("Registered KV cache for GPU ID %s with %d layers", instance_id, layout.num_layers)
         return registration
+
+    def _open_gpu_cache(self, layout: PageLayout, cuda: Sequence[cuda_ipc.CudaIpcStorage]) -> GpuCache:
+        device = cuda_ipc.validate(cuda, layout.storage_bytes)
+        with self._lock:
+            runtime = self._gpus.get(device)
+        if runtime is None:
+            from lmcache.transfer.cuda_runtime import CupyRuntime
+
+            make = self._make_gpu_runtime or CupyRuntime
+            runtime = make(device, self._arena)  # pins the whole L1 arena for this device
+            with self._lock:
+                self._gpus[device] = runtime
+            logger.info("L1 pinned for GPU %s (%.1f GB)", device, self._arena.nbytes / 1e9)
+        storages, opened = runtime.open_storages(cuda)
+        return GpuCache(layout, storages, self.config.chunk_size, runtime, self.config.gpu_copy, opened)
+
+    def gpu_event_handles(self, reg: _Registration) -> list[bytes]:
+        return list(reg.cache.runtime.event_handles) if isinstance(reg.cache, GpuCache) else []
 
     def unregister_kv_cache(self, instance_id: str) -> None:
         """Drops a registration; its mappings go once no copy uses them any more."""
         with self._lock:
-            if self._engines.pop(instance_id, None) is None:
-                raise RequestError(f"unknown instance id {instance_id!r}")
+            reg = self._engines.pop(instance_id, None)
+        if reg is None:
+            raise RequestError(f"unknown instance id {instance_id!r}")
+        self._close_cache(reg)
         logger.info("Unregistered KV cache of GPU ID %s", instance_id)
 
-    def store(self, instance_id: str, hashes: bytes, block_ids: Sequence[int], salt: str = "") -> tuple[int, int, int]:
-        """Copies chunks out of registered blocks into L1: (stored, already present, skipped).
+    def _close_cache(self, reg: _Registration | None) -> None:
+        if reg is not None and isinstance(reg.cache, GpuCache):
+            self._gpu_done.after_all(reg.cache.close)  # once its queued copies are done
+
+    def store(
+        self, instance_id: str, hashes: bytes, block_ids: Sequence[int], salt: str = "", event: bytes = b""
+    ) -> tuple[int, int, int, int]:
+        """Copies chunks out of registered blocks into L1: (stored, already present, skipped,
+        the index of the server's CUDA event that marks the copies done, or -1).
 
         Runs on a worker thread; the copies happen outside every lock. A chunk becomes visible
-        only after its copy completed.
+        only after its copy completed (for a GPU engine: once the copy queued on the server's
+        stream has run; the reply does not wait for it).
         """
         reg = self._registration(instance_id)
         _check_hashes(hashes)
@@ -289,6 +342,8 @@ class CacheEngine:
         blocks = self._blocks(reg, n, block_ids)
         start = time.perf_counter()
         res = self.begin_store(reg.scope(salt), hashes, reg.object_bytes)
+        if isinstance(reg.cache, GpuCache):
+            return self._store_gpu(reg.cache, blocks, res, event)
         ok = [False] * n
         try:
             for i, handle in enumerate(res.handles):
@@ -300,12 +355,34 @@ class CacheEngine:
         if stored:
             tokens = stored * self.config.chunk_size
             logger.info("Stored %d tokens in %.3f seconds", tokens, time.perf_counter() - start)
-        return stored, res.present, res.skipped
+        return stored, res.present, res.skipped, -1
+
+    def _store_gpu(self, cache: GpuCache, blocks: np.ndarray, res: Reservation, event: bytes) -> tuple[int, int, int, int]:
+        chosen = [i for i, h in enumerate(res.handles) if h is not None]
+        if not chosen:
+            return 0, res.present, res.skipped, -1
+        try:
+            cuda_ipc.validate_event(event)
+            index, marker = cache.gather(blocks[chosen], [res.handles[i].obj.offset for i in chosen], event)
+        except Exception as e:
+            self.l1.commit(res.handles, False)
+            raise RequestError(f"cannot queue the GPU copy: {e}") from None
+        start = time.perf_counter()
+
+        def publish(ok: bool) -> None:
+            stored = self.l1.commit(res.handles, ok)
+            if stored:
+                logger.info("Stored %d tokens in %.3f seconds", stored * self.config.chunk_size, time.perf_counter() - start)
+
+        self._gpu_done.when_done(cache.runtime, marker, publish)
+        return len(chosen), res.present, res.skipped, index
 
     def retrieve(
-        self, instance_id: str, hashes: bytes, block_ids: Sequence[int], skip_blocks: int = 0, salt: str = ""
-    ) -> int:
-        """Copies the leading cached chunks into registered blocks; returns how many were written.
+        self, instance_id: str, hashes: bytes, block_ids: Sequence[int], skip_blocks: int = 0, salt: str = "",
+        event: bytes = b"",
+    ) -> tuple[int, int]:
+        """Copies the leading cached chunks into registered blocks: (how many were written, the
+        index of the server's CUDA event that marks the copies done, or -1).
 
         Stops at the first chunk that is not cached (evicted or cleared since the lookup): the
         blocks of that chunk and every later one are left untouched.
@@ -318,6 +395,8 @@ class CacheEngine:
             raise RequestError(f"skip_blocks must be >= 0 (got {skip_blocks})")
         start = time.perf_counter()
         handles = self.begin_retrieve(reg.scope(salt), hashes)
+        if isinstance(reg.cache, GpuCache):
+            return self._retrieve_gpu(reg.cache, blocks, handles, skip_blocks, event)
         written = 0
         try:
             bpc = reg.blocks_per_chunk
@@ -331,7 +410,30 @@ class CacheEngine:
         if written:
             tokens = written * self.config.chunk_size
             logger.info("Retrieved %d tokens in %.3f seconds", tokens, time.perf_counter() - start)
-        return written
+        return written, -1
+
+    def _retrieve_gpu(
+        self, cache: GpuCache, blocks: np.ndarray, handles: list[LockHandle | None], skip_blocks: int, event: bytes
+    ) -> tuple[int, int]:
+        leading = next((i for i, h in enumerate(handles) if h is None), len(handles))
+        self.l1.release(handles[leading:])
+        kept = handles[:leading]
+        if not kept:
+            return 0, -1
+        try:
+            cuda_ipc.validate_event(event)
+            index, marker = cache.scatter([h.obj.offset for h in kept], blocks[:leading], skip_blocks, event)
+        except Exception as e:
+            self.l1.release(kept)
+            raise RequestError(f"cannot queue the GPU copy: {e}") from None
+        start = time.perf_counter()
+
+        def release(ok: bool) -> None:  # the read locks hold until the copies have run
+            self.l1.release(kept)
+            logger.info("Retrieved %d tokens in %.3f seconds", leading * self.config.chunk_size, time.perf_counter() - start)
+
+        self._gpu_done.when_done(cache.runtime, marker, release)
+        return leading, index
 
     def _registration(self, instance_id: str) -> _Registration:
         reg = self._engines.get(instance_id)
@@ -491,3 +593,50 @@ def _check_hashes(hashes: bytes) -> None:
 def _check_scope(scope: CacheScope) -> None:
     if scope.world_size < 1 or not 0 <= scope.rank < scope.world_size:
         raise RequestError(f"rank {scope.rank} is outside a world of size {scope.world_size}")
+
+
+class GpuCompletions:
+    """Waits, off the request path, for the copies queued on the servers' CUDA streams, then runs
+    what must follow them (publishing stored chunks, releasing read locks), in queue order."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, Any, Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def when_done(self, runtime: Any, marker: Any, then: Any) -> None:
+        self._start()
+        self._queue.put((runtime, marker, then))
+
+    def after_all(self, then: Any) -> None:
+        """Runs ``then()`` once everything queued so far has completed."""
+        if self._thread is None:
+            then()
+            return
+        self._queue.put((None, None, lambda ok: then()))
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lmcache-gpu-done", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            runtime, marker, then = item
+            ok = True
+            if runtime is not None:
+                try:
+                    runtime.wait_marker(marker)
+                except Exception as e:  # noqa: BLE001 - a failed copy: its chunks are dropped
+                    logger.error("A GPU copy failed: %s", e)
+                    ok = False
+            try:
+                then(ok)
+            except Exception:  # noqa: BLE001
+                logger.exception("After a GPU copy")
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(30)

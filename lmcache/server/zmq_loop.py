@@ -54,9 +54,9 @@ class ZmqServer:
             p.EndSession: lambda r: p.Released(engine.end_session(r.session)),
             p.RegisterKVCache: self._register,
             p.UnregisterKVCache: self._unregister,
-            p.Store: lambda r: p.StoreReply(*engine.store(r.instance_id, r.hashes, r.block_ids, r.salt)),
+            p.Store: lambda r: p.StoreReply(*engine.store(r.instance_id, r.hashes, r.block_ids, r.salt, r.event)),
             p.Retrieve: lambda r: p.RetrieveReply(
-                engine.retrieve(r.instance_id, r.hashes, r.block_ids, r.skip_blocks, r.salt)
+                *engine.retrieve(r.instance_id, r.hashes, r.block_ids, r.skip_blocks, r.salt, r.event)
             ),
         }
         self._handlers.update({
@@ -210,10 +210,13 @@ class ZmqServer:
     # --- handlers -------------------------------------------------------------------------
 
     def _register(self, r: p.RegisterKVCache) -> p.Registered:
-        reg = self._engine.register_kv_cache(r.instance_id, r.model, r.world_size, r.rank, r.layout, r.segments, r.mode)
+        reg = self._engine.register_kv_cache(
+            r.instance_id, r.model, r.world_size, r.rank, r.layout, r.segments, r.mode, r.cuda
+        )
         pool = self._engine.l1.pool
         arena = (pool.shm_name, pool.size) if reg.mode == "lmcache_driven" else ("", 0)
-        return p.Registered(reg.page_format, reg.blocks_per_chunk, reg.object_bytes, *arena)
+        return p.Registered(reg.page_format, reg.blocks_per_chunk, reg.object_bytes, *arena,
+                            events=self._engine.gpu_event_handles(reg))
 
     def _prepare_store(self, r: p.PrepareStore) -> p.Slots:
         ticket, offsets, present, skipped = self._engine.prepare_store(r.instance_id, r.hashes, r.salt)

@@ -144,31 +144,59 @@ class CupyRuntime:
                 self._rt.hostUnregister(self._arena_ptr)
             except Exception:  # noqa: BLE001
                 pass
+            self._arena_dev = None  # the pool cannot close while a view of it lives
 
 
 class SimulatedRuntime:
-    """Host memory standing in for a device; kernels run in Numba's CUDA simulator."""
+    """Host memory standing in for a device, for tests on machines without one.
 
-    def __init__(self, arena: np.ndarray, device_uuid: str = "0" * 32) -> None:
+    "IPC handles" are keys of ``exported`` (handle bytes -> the array behind it). Page copies run
+    the CUDA kernel in Numba's simulator (``kernel="cuda"``, needs NUMBA_ENABLE_CUDASIM=1) or the
+    CPU kernel (``kernel="cpu"``). With ``hold=True`` queued copies count as done only after
+    ``release()``, so a test can look at the state while a copy is "in flight".
+    """
+
+    def __init__(
+        self, arena: np.ndarray, device_uuid: str = "0" * 32, exported: dict[bytes, np.ndarray] | None = None,
+        kernel: str = "cuda", hold: bool = False,
+    ) -> None:
         self.uuid = normalize_uuid(device_uuid)
         self.device = 0
         self._arena = arena
+        self._exported = exported or {}
+        self._kernel = kernel
+        self._hold = hold
+        self._markers: list[threading.Event] = []
         self.event_handles = [bytes([i + 1]) * HANDLE_BYTES for i in range(SERVER_EVENTS)]
         self._next_event = 0
         self.waited: list[bytes] = []
+        self.closed: list[bytes] = []
 
-    def open_storages(self, storages: Sequence[Any]) -> tuple[list[Any], list[int]]:
-        return list(storages), []  # here the "handles" are the arrays themselves
+    def open_storages(self, storages: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        if not storages or not isinstance(storages[0], CudaIpcStorage):
+            return list(storages), []  # tests that hand over arrays directly
+        arrays = []
+        for s in storages:
+            base = self._exported.get(bytes(s.handle))
+            if base is None:
+                raise IpcError("cannot open the engine's CUDA IPC handle: invalid handle")
+            arrays.append(base[s.offset : s.offset + s.nbytes])
+        return arrays, [bytes(s.handle) for s in storages]
 
-    def close_storages(self, opened: Sequence[int]) -> None:
-        pass
+    def close_storages(self, opened: Sequence[Any]) -> None:
+        self.closed.extend(opened)
 
     def wait_for(self, event_handle: bytes) -> None:
         if event_handle:
             self.waited.append(event_handle)
 
     def copy_pages(self, src: Any, src_offsets: np.ndarray, dst: Any, dst_offsets: np.ndarray, page_bytes: int) -> None:
-        cuda_copy_pages(src, src_offsets, dst, dst_offsets, page_bytes, threads=32)
+        if self._kernel == "cpu":
+            from lmcache._fast.kernels import copy_pages
+
+            copy_pages(src, np.ascontiguousarray(src_offsets), dst, np.ascontiguousarray(dst_offsets), page_bytes)
+        else:
+            cuda_copy_pages(src, src_offsets, dst, dst_offsets, page_bytes, threads=32)
 
     def copy(self, dst: Any, dst_offset: int, src: Any, src_offset: int, nbytes: int) -> None:
         dst[dst_offset : dst_offset + nbytes] = src[src_offset : src_offset + nbytes]
@@ -182,10 +210,22 @@ class SimulatedRuntime:
     def mark(self) -> tuple[int, Any]:
         index = self._next_event
         self._next_event = (index + 1) % SERVER_EVENTS
-        return index, None
+        marker = threading.Event()
+        if self._hold:
+            self._markers.append(marker)
+        else:
+            marker.set()
+        return index, marker
+
+    def release(self) -> None:
+        """Lets every held copy complete."""
+        for marker in self._markers:
+            marker.set()
+        self._markers.clear()
 
     def wait_marker(self, marker: Any) -> None:
-        pass
+        marker.wait()
 
     def close(self) -> None:
-        pass
+        self.release()
+        self._arena = None  # the pool cannot close while a view of it lives

@@ -40,8 +40,8 @@ class KVShape:
     head_size: int = 8  # C of the 4-D layouts (vLLM's CPU backend packs K|V there: 2 x head size)
 
 
-def make_kv(layout: str, dtype: str, shape: KVShape = KVShape()) -> list[torch.Tensor]:
-    """One tensor per layer, zero-filled, laid out as ``layout``."""
+def make_kv(layout: str, dtype: str, shape: KVShape = KVShape(), device: str = "cpu") -> list[torch.Tensor]:
+    """One tensor per layer, zero-filled, laid out as ``layout``, on ``device``."""
     dt = DTYPES[dtype]
     L, B, N, H, C = shape.layers, shape.blocks, shape.block_size, shape.heads, shape.head_size
     if layout in ("LBNHC", "LBHNC", "BLNHC", "BLHNC", "MLA"):
@@ -49,7 +49,7 @@ def make_kv(layout: str, dtype: str, shape: KVShape = KVShape()) -> list[torch.T
         if layout == "MLA":
             H, C = 1, 576
         sizes = {"L": L, "B": B, "N": N, "H": H, "C": C}
-        storage = torch.zeros([sizes[d] for d in order], dtype=dt)
+        storage = torch.zeros([sizes[d] for d in order], dtype=dt, device=device)
         views = []
         for layer in range(L):
             per_layer = storage.select(order.index("L"), layer)  # dims in `order` minus L
@@ -57,11 +57,11 @@ def make_kv(layout: str, dtype: str, shape: KVShape = KVShape()) -> list[torch.T
             views.append(per_layer.permute([rest.index(d) for d in "BHNC"]))
         return views
     if layout == "flash_attn":
-        return [torch.zeros(2, B, N, H, C, dtype=dt) for _ in range(L)]
+        return [torch.zeros(2, B, N, H, C, dtype=dt, device=device) for _ in range(L)]
     if layout == "flashinfer":
-        return [torch.zeros(B, 2, N, H, C, dtype=dt) for _ in range(L)]
+        return [torch.zeros(B, 2, N, H, C, dtype=dt, device=device) for _ in range(L)]
     if layout == "MLA3":
-        return [torch.zeros(B, N, 576, dtype=dt) for _ in range(L)]
+        return [torch.zeros(B, N, 576, dtype=dt, device=device) for _ in range(L)]
     raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
 
 

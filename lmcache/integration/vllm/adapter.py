@@ -351,14 +351,30 @@ class WorkerAdapter:
             return False
 
     # -- per step
+    def _gpu_ready(self) -> bytes | None:
+        """GPU engines: marks, on vLLM's own stream, that the blocks may be copied now."""
+        reg = self._registration
+        return reg.gpu.ready() if reg is not None and reg.gpu is not None else None
+
     def start_load(self, step: StepMetadata) -> None:
-        for op in step.loads:
-            self._loads.setdefault(op.req_id, []).append(self._io.submit(self._load, op))
+        if step.loads:
+            event = self._gpu_ready()
+            for op in step.loads:
+                self._loads.setdefault(op.req_id, []).append(self._io.submit(self._load, op, event))
 
     def save(self, step: StepMetadata) -> None:
         self._delayed.update(step.delayed_free)
-        for op in step.stores:
-            self._stores.setdefault(op.req_id, []).append(self._io.submit(self._store, op))
+        if step.stores:
+            event = self._gpu_ready()
+            for op in step.stores:
+                self._stores.setdefault(op.req_id, []).append(self._io.submit(self._store, op, event))
+
+    def _copied(self, future: Future) -> bool:
+        """The op has been answered and, for a GPU engine, the server's copies have run."""
+        if not future.done():
+            return False
+        reg = self._registration
+        return reg is None or reg.gpu is None or reg.gpu.done(future.result()[1])
 
     def handle_preemptions(self, step: StepMetadata) -> None:
         """Preempted requests' blocks are about to be reused: their stores must finish first."""
@@ -366,20 +382,23 @@ class WorkerAdapter:
             for future in self._stores.pop(req_id, []):
                 try:
                     future.result(timeout=self.config.timeout_s)
+                    deadline = time.monotonic() + self.config.timeout_s
+                    while not self._copied(future) and time.monotonic() < deadline:
+                        time.sleep(0.0005)  # the GPU copy out of these blocks is still running
                 except Exception:  # noqa: BLE001 - a failed store is only a future miss
                     pass
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
-        recving = {r for r, fs in self._loads.items() if all(f.done() for f in fs)}
+        recving = {r for r, fs in self._loads.items() if all(self._copied(f) for f in fs)}
         for req_id in recving:
             for future in self._loads.pop(req_id):
-                errors = future.result()  # _load never raises; it returns the blocks it failed
+                errors = future.result()[0]  # _load never raises; it returns the blocks it failed
                 with self._lock:
                     self._load_errors.update(errors)
         sending = set()
         for req_id in list(self._delayed):
             futures = self._stores.get(req_id, [])
-            if all(f.done() for f in futures):
+            if all(self._copied(f) for f in futures):
                 self._stores.pop(req_id, None)
                 self._delayed.discard(req_id)
                 sending.add(req_id)
@@ -395,27 +414,33 @@ class WorkerAdapter:
         return errors
 
     # -- on the I/O thread
-    def _load(self, op: LoadOp) -> set[int]:
-        """Runs a Retrieve; returns the blocks that were not loaded (vLLM recomputes them)."""
-        written = 0
+    def _load(self, op: LoadOp, event: bytes | None) -> tuple[set[int], int]:
+        """Runs a Retrieve: (the blocks that were not loaded, which vLLM recomputes; the server's
+        GPU event that marks the copies done, or -1)."""
+        written, gpu_event = 0, -1
         try:
             if self._try_register():
-                assert self._registration is not None
-                written = self._client.retrieve(self._registration, op.hashes, op.block_ids, op.skip_blocks, op.salt)
+                reg = self._registration
+                assert reg is not None
+                written = self._client.retrieve(reg, op.hashes, op.block_ids, op.skip_blocks, op.salt, event=event)
+                gpu_event = reg.gpu.last if reg.gpu is not None else -1
         except (ServerUnavailableError, ServerError, OSError, ValueError) as e:
             logger.warning("Load for %s failed (%s); vLLM recomputes it", op.req_id, e)
             self._lost_registration(e)
         bpc = len(op.block_ids) // max(1, len(op.hashes) // HASH_BYTES)
-        return set(op.block_ids[max(written * bpc, op.skip_blocks):])
+        return set(op.block_ids[max(written * bpc, op.skip_blocks):]), gpu_event
 
-    def _store(self, op: StoreOp) -> None:
+    def _store(self, op: StoreOp, event: bytes | None) -> tuple[None, int]:
         try:
             if self._try_register():
-                assert self._registration is not None
-                self._client.store(self._registration, op.hashes, op.block_ids, op.salt)
+                reg = self._registration
+                assert reg is not None
+                reply = self._client.store(reg, op.hashes, op.block_ids, op.salt, event=event)
+                return None, reply.event
         except (ServerUnavailableError, ServerError, OSError, ValueError) as e:
             logger.warning("Store for %s failed (%s)", op.req_id, e)
             self._lost_registration(e)
+        return None, -1
 
     def _lost_registration(self, error: Exception) -> None:
         if isinstance(error, ServerError) and "unknown instance" in error.message:
