@@ -338,6 +338,7 @@ class CacheEngine:
         """
         reg = self._registration(instance_id)
         _check_hashes(hashes)
+        _check_event(reg, event)
         n = len(hashes) // HASH_BYTES
         blocks = self._blocks(reg, n, block_ids)
         start = time.perf_counter()
@@ -362,9 +363,9 @@ class CacheEngine:
         if not chosen:
             return 0, res.present, res.skipped, -1
         try:
-            cuda_ipc.validate_event(event)
             index, marker = cache.gather(blocks[chosen], [res.handles[i].obj.offset for i in chosen], event)
         except Exception as e:
+            _drain(cache)  # nothing queued may still write into the slots given back here
             self.l1.commit(res.handles, False)
             raise RequestError(f"cannot queue the GPU copy: {e}") from None
         start = time.perf_counter()
@@ -389,6 +390,7 @@ class CacheEngine:
         """
         reg = self._registration(instance_id)
         _check_hashes(hashes)
+        _check_event(reg, event)
         n = len(hashes) // HASH_BYTES
         blocks = self._blocks(reg, n, block_ids)
         if skip_blocks < 0:
@@ -421,9 +423,9 @@ class CacheEngine:
         if not kept:
             return 0, -1
         try:
-            cuda_ipc.validate_event(event)
             index, marker = cache.scatter([h.obj.offset for h in kept], blocks[:leading], skip_blocks, event)
         except Exception as e:
+            _drain(cache)  # nothing queued may still write into blocks vLLM now recomputes
             self.l1.release(kept)
             raise RequestError(f"cannot queue the GPU copy: {e}") from None
         start = time.perf_counter()
@@ -593,6 +595,23 @@ def _check_hashes(hashes: bytes) -> None:
 def _check_scope(scope: CacheScope) -> None:
     if scope.world_size < 1 or not 0 <= scope.rank < scope.world_size:
         raise RequestError(f"rank {scope.rank} is outside a world of size {scope.world_size}")
+
+
+def _check_event(reg: _Registration, event: bytes) -> None:
+    if event and not isinstance(reg.cache, GpuCache):
+        raise RequestError(f"{reg.instance_id} is not a GPU engine: its requests carry no CUDA event")
+    try:
+        cuda_ipc.validate_event(event)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
+def _drain(cache: GpuCache) -> None:
+    """Waits until everything queued on the cache's stream has run (error paths only)."""
+    try:
+        cache.runtime.wait_marker(cache.runtime.mark()[1])
+    except Exception as e:  # noqa: BLE001 - the device itself failed; nothing more to wait for
+        logger.error("Could not drain the GPU stream: %s", e)
 
 
 class GpuCompletions:

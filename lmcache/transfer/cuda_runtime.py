@@ -90,7 +90,7 @@ class CupyRuntime:
             return
         if len(event_handle) != HANDLE_BYTES:
             raise IpcError(f"an IPC event handle is {HANDLE_BYTES} bytes, got {len(event_handle)}")
-        with self._cupy.cuda.Device(self.device):
+        with self._lock, self._cupy.cuda.Device(self.device):
             event = self._opened_events.get(event_handle)
             if event is None:
                 try:

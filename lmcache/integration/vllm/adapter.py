@@ -373,6 +373,8 @@ class WorkerAdapter:
         """The op has been answered and, for a GPU engine, the server's copies have run."""
         if not future.done():
             return False
+        if future.exception() is not None:
+            return True  # get_finished reports it (and vLLM recomputes)
         reg = self._registration
         return reg is None or reg.gpu is None or reg.gpu.done(future.result()[1])
 
