@@ -100,6 +100,8 @@ class SimWorker:
 
     def __post_init__(self) -> None:
         self.kv = self.spec.make_kv()
+        for t in self.kv:  # touch every page now, as a warmed-up engine has: no first-touch faults later
+            t.fill_(0)
         self.client = _TimedClient(strip_scheme(self.config.host), self.config.port, timeout_s=self.config.timeout_s)
         self.adapter = WorkerAdapter(self.config, self.spec.name, self.world_size, self.rank, client=self.client,
                                      instance_id=self.instance_id)
