@@ -30,6 +30,7 @@ id   message         purpose
 13   CommitStore     lmcache_driven: publish (or drop) the prepared slots
 14   PrepareRetrieve lmcache_driven: read-lock the cached chunks and say where they are
 15   FinishRetrieve  lmcache_driven: the engine has copied them; release the locks
+16   Fence           cuda_ipc: a server event after everything queued for the engine's GPU
 100  Error           any request can get this instead of its reply
 101  HelloReply
 102  Pong
@@ -42,6 +43,7 @@ id   message         purpose
 109  StoreReply
 110  RetrieveReply
 111  Slots           reply to PrepareStore and PrepareRetrieve
+112  Fenced          reply to Fence: the index of the server event to wait for
 ===  ==============  =================================================
 
 Chunk hashes travel as one ``bytes`` field of concatenated 16-byte hashes (see keys.py).
@@ -232,13 +234,21 @@ class Slots(_Message, tag=111):
     skipped: int = 0
 
 
+class Fence(_Message, tag=16):
+    instance_id: str
+
+
+class Fenced(_Message, tag=112):
+    event: int  # the server event recorded after everything queued so far (-1: not a GPU engine)
+
+
 Request = Union[
     Hello, Ping, Status, Clear, Lookup, ReleaseLocks, EndSession, RegisterKVCache, UnregisterKVCache, Store, Retrieve,
-    PrepareStore, CommitStore, PrepareRetrieve, FinishRetrieve,
+    PrepareStore, CommitStore, PrepareRetrieve, FinishRetrieve, Fence,
 ]
 Reply = Union[
     Error, HelloReply, Pong, StatusReply, ClearReply, LookupReply, Released, Registered, Unregistered, StoreReply,
-    RetrieveReply, Slots,
+    RetrieveReply, Slots, Fenced,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -7,18 +7,31 @@
 # Takes a few minutes; exits non-zero if anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/gpu-check-out}"
+export OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
+TESTS=-1 BENCH=-1 INSTALL=-1
 step() { echo "== $* ($(( $(date +%s) - START ))s)"; }
+summary() {  # written however the script ends
+    $PY - "$OUT" "$INSTALL" "$TESTS" "$BENCH" "$START" <<'PY'
+import json, sys, time
+out, install, tests, bench, start = sys.argv[1], *map(int, sys.argv[2:])
+json.dump({"install_exit_status": install, "tests_exit_status": tests, "bench_exit_status": bench,
+           "seconds": round(time.time() - start)}, open(f"{out}/gpu_check.json", "w"), indent=2)
+PY
+}
+trap summary EXIT
 
 step "machine"
 nvidia-smi --query-gpu=name,uuid,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.csv"
 $PY -c 'import sys, torch, numba, cupy; print(sys.version.split()[0], "torch", torch.__version__, "numba", numba.__version__, "cupy", cupy.__version__)'
 
 step "install what is missing, from wheels/"
-$PY -m pip install -q --no-index --find-links wheels pyzmq msgspec sanic typer prometheus_client rich Cython setuptools wheel 2>&1 | tail -3
+$PY -m pip install -q --no-index --find-links wheels pyzmq msgspec sanic typer prometheus_client rich Cython setuptools wheel \
+    >"$OUT/install.log" 2>&1
+INSTALL=$?
+[ "$INSTALL" -eq 0 ] || { tail -20 "$OUT/install.log"; exit 1; }
 if command -v gcc >/dev/null && $PY -m pip install -q --no-index --find-links wheels --no-build-isolation --no-deps -e . 2>"$OUT/build.log"; then
     echo "built from source"
 else
@@ -30,19 +43,13 @@ export PATH="$($PY -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):
 $PY -c 'import lmcache._fast.hashing, lmcache._fast.pool; print("compiled modules load")' || exit 1
 
 step "GPU tests (real server processes, CUDA IPC between processes)"
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_path.py tests/test_gpu_cache_sim.py \
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_path.py tests/test_gpu_cache_sim.py \
     tests/test_cuda_sim.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25
 TESTS=${PIPESTATUS[0]}
 
 step "benchmark"
-timeout 240 $PY scripts/gpu_bench.py 2>&1 | tail -40
+timeout 180 $PY scripts/gpu_bench.py 2>&1 | tail -40
 BENCH=${PIPESTATUS[0]}
 
 step "done"
-$PY - "$OUT" "$TESTS" "$BENCH" "$START" <<'PY'
-import json, sys, time
-out, tests, bench, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-json.dump({"tests_exit_status": tests, "bench_exit_status": bench, "seconds": round(time.time() - start)},
-          open(f"{out}/gpu_check.json", "w"), indent=2)
-PY
 [ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ]

@@ -134,7 +134,12 @@ def test_gpu_store_publishes_only_after_the_copy_and_retrieve_holds_its_locks_un
         assert _block(h.arrays, h.layout, dst) == _block(h.arrays, h.layout, src)
 
     eng.unregister_kv_cache("gpu0")
+    with pytest.raises(RequestError, match="unknown instance"):
+        eng.store("gpu0", hashes, [3, 4, 5, 6])
+    assert h.runtimes[0].closed == []  # not before the copies queued ahead of the close have run
+    h.runtimes[0].release()
     _until(lambda: h.runtimes[0].closed == h.handles, "the IPC handles to be closed")
+    _until(lambda: sorted(h.runtimes[0].forgotten) == [b"\x05" * 64, b"\x06" * 64], "the engine's events to be closed")
     eng.close()
 
 
@@ -158,6 +163,29 @@ def test_bad_gpu_input_gets_a_clear_error_and_changes_nothing() -> None:
     eng.close()
 
 
+def test_torch_shareable_handles_are_unwrapped() -> None:
+    from lmcache.transfer.cuda_ipc import _raw_handle
+
+    raw = bytes(range(64))
+    assert _raw_handle(raw) == raw  # older torch: the bare cudaIpcMemHandle_t
+    assert _raw_handle(b"\x01c" + raw) == raw  # version byte, cudaMalloc kind, handle
+    with pytest.raises(IpcError, match="expandable_segments:False"):
+        _raw_handle(b"\x01e" + b"\x00" * 80)
+    with pytest.raises(IpcError, match="unrecognised"):
+        _raw_handle(b"\x01x" + raw)
+
+
+def test_a_fence_names_an_event_only_for_gpu_engines() -> None:
+    h = _Engine()
+    reg = h.register()
+    assert h.engine.fence("gpu0") == 0 and h.engine.fence("gpu0") == 1  # the next event each time
+    with pytest.raises(RequestError, match="unknown instance"):
+        h.engine.fence("nobody")
+    assert reg.mode == "cuda_ipc"
+    h.runtimes[0].release()
+    h.engine.close()
+
+
 def test_a_server_without_a_usable_gpu_refuses_gpu_registrations_and_keeps_serving() -> None:
     kv = make_kv("LBHNC", "float16", KVShape(layers=2, blocks=8, block_size=16, heads=2, head_size=8))
     layout, _ = describe(kv)
@@ -175,3 +203,4 @@ def test_a_server_without_a_usable_gpu_refuses_gpu_registrations_and_keeps_servi
         assert client.ping() == p.Pong()
         reg = client.register_kv_caches(kv, "m", mode="lmcache_driven")
         assert reg.mode == "lmcache_driven"
+        assert client.call(p.Fence(reg.instance_id), p.Fenced).event == -1  # a CPU engine: nothing to fence

@@ -156,25 +156,36 @@ def cuda_copy_pages_kernel(word_bytes: int = 1):
     return _cuda_kernels[key]
 
 
-def cuda_copy_pages(
-    src, src_offsets: np.ndarray, dst, dst_offsets: np.ndarray, page_bytes: int, threads: int = 256, stream=0
-) -> None:
-    """Launches the CUDA kernel on uint8 device arrays (host arrays under the simulator), on
-    ``stream``, copying in the widest words (up to 8 bytes) that every offset, the page size and
-    both buffers allow."""
-    src_offsets = np.asarray(src_offsets, dtype=np.int64)
-    dst_offsets = np.asarray(dst_offsets, dtype=np.int64)
-    if src_offsets.size == 0:
-        return
+def cuda_word(src_bytes: int, dst_bytes: int, page_bytes: int, *offsets: np.ndarray) -> int:
+    """The widest word (8, 4, 2 or 1 bytes) that both buffers, the page size and every offset allow."""
     word = 8
     while word > 1 and (
-        page_bytes % word or src.shape[0] % word or dst.shape[0] % word
-        or np.any(src_offsets % word) or np.any(dst_offsets % word)
+        page_bytes % word or src_bytes % word or dst_bytes % word or any(np.any(o % word) for o in offsets)
     ):
         word //= 2
-    view = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}[word]
-    kernel = cuda_copy_pages_kernel(word)
-    src_words, dst_words = src_offsets // word, dst_offsets // word
-    if stream:  # the offsets go up on the same stream, so nothing waits on the host
-        src_words, dst_words = cuda.to_device(src_words, stream=stream), cuda.to_device(dst_words, stream=stream)
-    kernel[src_offsets.size, threads, stream](src.view(view), src_words, dst.view(view), dst_words, page_bytes // word)
+    return word
+
+
+_WORD_TYPES = {8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}
+
+
+def cuda_launch_pages(src, src_words, dst, dst_words, n_pages: int, page_bytes: int, word: int,
+                      threads: int = 256, stream=0) -> None:
+    """Launches the kernel on uint8 device arrays with page offsets already counted in words
+    (and already on the device, or host arrays under the simulator), on ``stream``."""
+    if n_pages:
+        view = _WORD_TYPES[word]
+        cuda_copy_pages_kernel(word)[n_pages, threads, stream](
+            src.view(view), src_words, dst.view(view), dst_words, page_bytes // word
+        )
+
+
+def cuda_copy_pages(
+    src, src_offsets: np.ndarray, dst, dst_offsets: np.ndarray, page_bytes: int, threads: int = 256
+) -> None:
+    """Copies pages between uint8 device arrays (host arrays under the simulator) with the CUDA
+    kernel, in the widest words every offset, the page size and both buffers allow."""
+    src_offsets = np.asarray(src_offsets, dtype=np.int64)
+    dst_offsets = np.asarray(dst_offsets, dtype=np.int64)
+    word = cuda_word(src.shape[0], dst.shape[0], page_bytes, src_offsets, dst_offsets)
+    cuda_launch_pages(src, src_offsets // word, dst, dst_offsets // word, src_offsets.size, page_bytes, word, threads)

@@ -124,8 +124,9 @@ class CacheEngine:
         self.transfer_modes = ("engine_driven", "lmcache_driven") if pool.shm_name else ("engine_driven",)
         if importlib.util.find_spec("cupy") is not None:
             self.transfer_modes += ("cuda_ipc",)
-        self._gpus: dict[str, Any] = {}  # device UUID -> its CUDA runtime (the L1 arena pinned for it)
-        self._gpu_done = GpuCompletions()
+        self._gpus: dict[str, Any] = {}  # device UUID -> its CUDA runtime (the first pins the L1 arena)
+        self._gpu_done: dict[int, GpuCompletions] = {}  # per runtime: a stuck device stalls only itself
+        self._gpu_lock = threading.Lock()  # registrations that create a runtime, one at a time
         self.l1 = L1Cache(pool, POLICIES[config.eviction_policy], config.lock_ttl_s)
         self._arena = np.frombuffer(pool, dtype=np.uint8)  # what the kernels copy into and out of
         self._engines: dict[str, _Registration] = {}
@@ -158,9 +159,10 @@ class CacheEngine:
             gpus, self._gpus = list(self._gpus.values()), {}
         for reg in registrations:
             self._close_cache(reg)
-        self._gpu_done.close()
         for runtime in gpus:
-            runtime.close()
+            runtime.close()  # lets everything queued run to the end
+        for done in self._gpu_done.values():
+            done.close()
         self.l1.clear()
         del self._arena
         self.l1.pool.close()
@@ -297,18 +299,37 @@ class CacheEngine:
 
     def _open_gpu_cache(self, layout: PageLayout, cuda: Sequence[cuda_ipc.CudaIpcStorage]) -> GpuCache:
         device = cuda_ipc.validate(cuda, layout.storage_bytes)
-        with self._lock:
+        with self._gpu_lock:
             runtime = self._gpus.get(device)
-        if runtime is None:
-            from lmcache.transfer.cuda_runtime import CupyRuntime
+            if runtime is None:
+                from lmcache.transfer.cuda_runtime import CupyRuntime
 
-            make = self._make_gpu_runtime or CupyRuntime
-            runtime = make(device, self._arena)  # pins the whole L1 arena for this device
-            with self._lock:
+                first = not self._gpus
+                if self._make_gpu_runtime is not None:
+                    runtime = self._make_gpu_runtime(device, self._arena)
+                else:  # the first pins the whole L1 arena, for every device at once
+                    runtime = CupyRuntime(device, self._arena, pin=first)
                 self._gpus[device] = runtime
-            logger.info("L1 pinned for GPU %s (%.1f GB)", device, self._arena.nbytes / 1e9)
+                self._gpu_done[id(runtime)] = GpuCompletions(device)
+                if first:
+                    logger.info("L1 pinned for GPU engines (%.1f GB)", self._arena.nbytes / 1e9)
         storages, opened = runtime.open_storages(cuda)
-        return GpuCache(layout, storages, self.config.chunk_size, runtime, self.config.gpu_copy, opened)
+        try:
+            return GpuCache(layout, storages, self.config.chunk_size, runtime, self.config.gpu_copy, opened)
+        except Exception:
+            runtime.close_storages(opened)
+            raise
+
+    def _completions(self, cache: GpuCache) -> GpuCompletions:
+        return self._gpu_done[id(cache.runtime)]
+
+    def fence(self, instance_id: str) -> int:
+        """Records a server event after everything queued on the engine's device so far: the
+        engine waits for it after a request whose reply it lost (its copies may be queued)."""
+        reg = self._registration(instance_id)
+        if not isinstance(reg.cache, GpuCache):
+            return -1
+        return reg.cache.runtime.mark()[0]
 
     def gpu_event_handles(self, reg: _Registration) -> list[bytes]:
         return list(reg.cache.runtime.event_handles) if isinstance(reg.cache, GpuCache) else []
@@ -324,7 +345,7 @@ class CacheEngine:
 
     def _close_cache(self, reg: _Registration | None) -> None:
         if reg is not None and isinstance(reg.cache, GpuCache):
-            self._gpu_done.after_all(reg.cache.close)  # once its queued copies are done
+            reg.cache.close(self._completions(reg.cache).when_done)  # once its queued copies have run
 
     def store(
         self, instance_id: str, hashes: bytes, block_ids: Sequence[int], salt: str = "", event: bytes = b""
@@ -375,7 +396,7 @@ class CacheEngine:
             if stored:
                 logger.info("Stored %d tokens in %.3f seconds", stored * self.config.chunk_size, time.perf_counter() - start)
 
-        self._gpu_done.when_done(cache.runtime, marker, publish)
+        self._completions(cache).when_done(cache.runtime, marker, publish)
         return len(chosen), res.present, res.skipped, index
 
     def retrieve(
@@ -434,7 +455,7 @@ class CacheEngine:
             self.l1.release(kept)
             logger.info("Retrieved %d tokens in %.3f seconds", leading * self.config.chunk_size, time.perf_counter() - start)
 
-        self._gpu_done.when_done(cache.runtime, marker, release)
+        self._completions(cache).when_done(cache.runtime, marker, release)
         return leading, index
 
     def _registration(self, instance_id: str) -> _Registration:
@@ -615,29 +636,24 @@ def _drain(cache: GpuCache) -> None:
 
 
 class GpuCompletions:
-    """Waits, off the request path, for the copies queued on the servers' CUDA streams, then runs
-    what must follow them (publishing stored chunks, releasing read locks), in queue order."""
+    """Waits, off the request path, for the copies queued on one device's server stream, then
+    runs what must follow them (publishing stored chunks, releasing read locks, closing IPC
+    mappings), in queue order."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "") -> None:
         self._queue: queue.SimpleQueue[tuple[Any, Any, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._name = f"lmcache-gpu-done-{device[:8]}"
 
     def when_done(self, runtime: Any, marker: Any, then: Any) -> None:
         self._start()
         self._queue.put((runtime, marker, then))
 
-    def after_all(self, then: Any) -> None:
-        """Runs ``then()`` once everything queued so far has completed."""
-        if self._thread is None:
-            then()
-            return
-        self._queue.put((None, None, lambda ok: then()))
-
     def _start(self) -> None:
         with self._start_lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="lmcache-gpu-done", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
 
     def _run(self) -> None:

@@ -64,6 +64,7 @@ class ZmqServer:
             p.CommitStore: lambda r: p.StoreReply(*engine.commit_store(r.ticket, r.ok)),
             p.PrepareRetrieve: lambda r: p.Slots(*engine.prepare_retrieve(r.instance_id, r.hashes, r.salt)),
             p.FinishRetrieve: lambda r: p.Released(engine.finish_retrieve(r.ticket)),
+            p.Fence: lambda r: p.Fenced(engine.fence(r.instance_id)),
         })
         self._slow = {p.Store, p.Retrieve}
         self._workers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="lmcache-worker")

@@ -88,5 +88,19 @@ def export_storages(storages: Sequence[Any]) -> list[CudaIpcStorage]:
         # torch's own sharing call: (device, handle, size, offset in the allocation, ...)
         device, handle, nbytes, offset = storage._share_cuda_()[:4]
         uuid = normalize_uuid(torch.cuda.get_device_properties(device).uuid)
-        exported.append(CudaIpcStorage(uuid, bytes(handle), int(offset), int(nbytes)))
+        exported.append(CudaIpcStorage(uuid, _raw_handle(bytes(handle)), int(offset), int(nbytes)))
     return exported
+
+
+def _raw_handle(handle: bytes) -> bytes:
+    """The cudaIpcMemHandle_t inside torch's shareable handle. Recent torch prefixes it with a
+    version byte and a kind byte: b"c" for cudaMalloc memory, b"e" for expandable segments,
+    which are not shared through cudaIpcMemHandle and so cannot be opened by the server."""
+    if len(handle) == HANDLE_BYTES:
+        return handle  # older torch: the bare handle
+    if len(handle) == HANDLE_BYTES + 2 and handle[1:2] == b"c":
+        return handle[2:]
+    if len(handle) > 1 and handle[1:2] == b"e":
+        raise IpcError("the KV cache lives in expandable segments, which CUDA IPC handles cannot share; "
+                       "start vLLM with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False")
+    raise IpcError(f"unrecognised torch IPC handle ({len(handle)} bytes)")

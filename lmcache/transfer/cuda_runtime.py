@@ -2,11 +2,13 @@
 
 ``CupyRuntime`` is the real one: CuPy's runtime API for IPC memory and events, streams and
 async copies, with our Numba kernels launched on the same stream. ``SimulatedRuntime`` runs the
-same calls on host memory with Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), so the GPU copy
-logic is tested byte for byte on machines without a GPU; it has no IPC and no real concurrency.
+same calls on host memory (kernels in Numba's CUDA simulator, or the CPU kernel), so the GPU
+copy logic is tested byte for byte on machines without a GPU; it has no real concurrency.
 
 One runtime serves one device. Its stream is the server's own: engine events are waited on
-there, never on the host, so vLLM's forward pass is never stalled by the server.
+there, never on the host, so vLLM's forward pass is never stalled by the server. Nothing a
+request thread does waits for the stream either: page offsets go up from pinned buffers, and
+everything a queued copy still needs is kept alive until its marker has been waited on.
 """
 
 from __future__ import annotations
@@ -17,43 +19,59 @@ from typing import Any
 
 import numpy as np
 
-from lmcache._fast.kernels import cuda_copy_pages
+from lmcache._fast.kernels import cuda_launch_pages
 from lmcache.transfer.cuda_ipc import HANDLE_BYTES, CudaIpcStorage, IpcError, normalize_uuid
 
 SERVER_EVENTS = 64  # interprocess events per device, recorded in turn after copies
 
 
+def visible_devices() -> list[str]:
+    """UUIDs of the GPUs this process sees, in CUDA's order; raises IpcError without CUDA."""
+    try:
+        from numba import cuda
+
+        return [normalize_uuid(d.uuid) for d in cuda.list_devices()]
+    except ImportError as e:
+        raise IpcError(f"the server has no CUDA support installed (CuPy and numba-cuda): {e}") from None
+    except Exception as e:  # noqa: BLE001 - no driver, no device: one clear error
+        raise IpcError(f"the server cannot use CUDA: {e}") from None
+
+
 class CupyRuntime:
-    def __init__(self, device_uuid: str, arena: np.ndarray) -> None:
+    def __init__(self, device_uuid: str, arena: np.ndarray, pin: bool = True) -> None:
+        """``pin``: page-lock the L1 arena (once per process: it is pinned for every device)."""
         try:
             import cupy
             from numba import cuda
         except ImportError as e:
             raise IpcError(f"the server has no CUDA support installed (CuPy and numba-cuda): {e}") from None
         self._cupy, self._cuda = cupy, cuda
-        rt = cupy.cuda.runtime
         self.uuid = normalize_uuid(device_uuid)
-        try:
-            visible = [normalize_uuid(d.uuid) for d in cuda.list_devices()]
-        except Exception as e:  # noqa: BLE001 - no driver, no device: one clear error
-            raise IpcError(f"the server cannot use CUDA: {e}") from None
+        visible = visible_devices()
         if self.uuid not in visible:
             raise IpcError(f"the server cannot see the engine's GPU {self.uuid} (it sees: {', '.join(visible) or 'none'})")
         self.device = visible.index(self.uuid)
-        self._rt = rt
+        rt = self._rt = cupy.cuda.runtime
         self._lock = threading.Lock()
-        with cupy.cuda.Device(self.device):
-            self._stream = cupy.cuda.Stream(non_blocking=True)
-            self._numba_stream = cuda.external_stream(self._stream.ptr)
-            flags = rt.eventDisableTiming | rt.eventInterprocess
-            self._events = [rt.eventCreateWithFlags(flags) for _ in range(SERVER_EVENTS)]
-            self.event_handles = [rt.ipcGetEventHandle(e) for e in self._events]
-            self._next_event = 0
-            # Page-locked L1: host<->device copies at full speed, and the kernels can reach it.
-            self._arena_ptr = arena.ctypes.data
-            rt.hostRegister(self._arena_ptr, arena.nbytes, rt.hostAllocMapped | rt.hostAllocPortable)
-            self._arena_dev = self._device_array(self._arena_ptr, arena.nbytes, owner=arena)
         self._opened_events: dict[bytes, int] = {}
+        self._keep: list[Any] = []  # what copies queued since the last mark still need
+        self._kept: dict[int, list[Any]] = {}  # per marker
+        self._arena_ptr = arena.ctypes.data
+        self._pinned = False
+        try:
+            with cupy.cuda.Device(self.device):
+                self._stream = cupy.cuda.Stream(non_blocking=True)
+                self._numba_stream = cuda.external_stream(self._stream.ptr)
+                flags = rt.eventDisableTiming | rt.eventInterprocess
+                self._events = [rt.eventCreateWithFlags(flags) for _ in range(SERVER_EVENTS)]
+                self.event_handles = [rt.ipcGetEventHandle(e) for e in self._events]
+                self._next_event = 0
+                if pin:  # page-locked L1: DMA at full speed, and kernels can reach it (mapped)
+                    rt.hostRegister(self._arena_ptr, arena.nbytes, rt.hostAllocMapped | rt.hostAllocPortable)
+                    self._pinned = True
+                self._arena_dev = self._device_array(self._arena_ptr, arena.nbytes, owner=arena)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory, or pinning refused
+            raise IpcError(f"cannot set up GPU {self.uuid} on the server: {e}") from None
 
     def _device_array(self, ptr: int, nbytes: int, owner: Any) -> Any:
         cupy = self._cupy
@@ -100,11 +118,31 @@ class CupyRuntime:
                 self._opened_events[event_handle] = event
             self._rt.streamWaitEvent(self._stream.ptr, event, 0)
 
-    def copy_pages(self, src: Any, src_offsets: np.ndarray, dst: Any, dst_offsets: np.ndarray, page_bytes: int) -> None:
+    def forget_event(self, event_handle: bytes) -> None:
+        """Closes an engine's event (its engine unregistered), once queued work no longer needs it."""
+        with self._lock:
+            event = self._opened_events.pop(event_handle, None)
+        if event is not None:
+            self._keep_until_marked(_EventCloser(self._rt, event))
+
+    def upload(self, array: np.ndarray) -> Any:
+        """``array`` on the device, copied on the stream from a pinned buffer (no host wait)."""
+        cupy = self._cupy
+        with cupy.cuda.Device(self.device), self._stream:
+            pinned = cupy.cuda.alloc_pinned_memory(array.nbytes)
+            host = np.frombuffer(pinned, dtype=array.dtype, count=array.size)
+            host[:] = array.ravel()
+            device = cupy.empty(array.size, dtype=array.dtype)
+            device.set(host, stream=self._stream)
+        self._keep_until_marked(pinned)  # device memory is stream-ordered by CuPy's pool
+        return device
+
+    def launch_pages(self, src: Any, src_words: Any, dst: Any, dst_words: Any, n_pages: int, page_bytes: int,
+                     word: int) -> None:
         as_array = self._cuda.as_cuda_array  # sync=False: the stream orders the work, not the host
         with self._cupy.cuda.Device(self.device):
-            cuda_copy_pages(as_array(src, sync=False), src_offsets, as_array(dst, sync=False), dst_offsets,
-                            page_bytes, stream=self._numba_stream)
+            cuda_launch_pages(as_array(src, sync=False), as_array(src_words, sync=False), as_array(dst, sync=False),
+                              as_array(dst_words, sync=False), n_pages, page_bytes, word, stream=self._numba_stream)
 
     def copy(self, dst: Any, dst_offset: int, src: Any, src_offset: int, nbytes: int) -> None:
         """An async copy between device, staging or pinned host memory (by unified addresses)."""
@@ -120,6 +158,10 @@ class CupyRuntime:
         with self._cupy.cuda.Device(self.device):
             return self._cupy.empty(nbytes, dtype=self._cupy.uint8)
 
+    def _keep_until_marked(self, obj: Any) -> None:
+        with self._lock:
+            self._keep.append(obj)
+
     def mark(self) -> tuple[int, Any]:
         """Records the next server event after everything queued so far: (its index, a
         marker the host can wait on)."""
@@ -129,10 +171,18 @@ class CupyRuntime:
             self._rt.eventRecord(self._events[index], self._stream.ptr)
             marker = self._cupy.cuda.Event(block=False, disable_timing=True)
             marker.record(self._stream)
+            self._kept[id(marker)], self._keep = self._keep, []
         return index, marker
 
     def wait_marker(self, marker: Any) -> None:
-        marker.synchronize()
+        try:
+            marker.synchronize()
+        finally:
+            with self._lock:
+                kept = self._kept.pop(id(marker), [])
+            for obj in kept:
+                if isinstance(obj, _EventCloser):
+                    obj.close()
 
     def close(self) -> None:
         with self._cupy.cuda.Device(self.device):
@@ -140,11 +190,23 @@ class CupyRuntime:
             for event in self._opened_events.values():
                 self._rt.eventDestroy(event)
             self._opened_events.clear()
-            try:
-                self._rt.hostUnregister(self._arena_ptr)
-            except Exception:  # noqa: BLE001
-                pass
+            if self._pinned:
+                try:
+                    self._rt.hostUnregister(self._arena_ptr)
+                except Exception:  # noqa: BLE001
+                    pass
             self._arena_dev = None  # the pool cannot close while a view of it lives
+
+
+class _EventCloser:
+    def __init__(self, rt: Any, event: int) -> None:
+        self._rt, self._event = rt, event
+
+    def close(self) -> None:
+        try:
+            self._rt.eventDestroy(self._event)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 class SimulatedRuntime:
@@ -171,6 +233,7 @@ class SimulatedRuntime:
         self._next_event = 0
         self.waited: list[bytes] = []
         self.closed: list[bytes] = []
+        self.forgotten: list[bytes] = []
 
     def open_storages(self, storages: Sequence[Any]) -> tuple[list[Any], list[Any]]:
         if not storages or not isinstance(storages[0], CudaIpcStorage):
@@ -190,13 +253,20 @@ class SimulatedRuntime:
         if event_handle:
             self.waited.append(event_handle)
 
-    def copy_pages(self, src: Any, src_offsets: np.ndarray, dst: Any, dst_offsets: np.ndarray, page_bytes: int) -> None:
+    def forget_event(self, event_handle: bytes) -> None:
+        self.forgotten.append(event_handle)
+
+    def upload(self, array: np.ndarray) -> Any:
+        return np.ascontiguousarray(array)
+
+    def launch_pages(self, src: Any, src_words: Any, dst: Any, dst_words: Any, n_pages: int, page_bytes: int,
+                     word: int) -> None:
         if self._kernel == "cpu":
             from lmcache._fast.kernels import copy_pages
 
-            copy_pages(src, np.ascontiguousarray(src_offsets), dst, np.ascontiguousarray(dst_offsets), page_bytes)
+            copy_pages(src, src_words * word, dst, dst_words * word, page_bytes)
         else:
-            cuda_copy_pages(src, src_offsets, dst, dst_offsets, page_bytes, threads=32)
+            cuda_launch_pages(src, src_words, dst, dst_words, n_pages, page_bytes, word, threads=32)
 
     def copy(self, dst: Any, dst_offset: int, src: Any, src_offset: int, nbytes: int) -> None:
         dst[dst_offset : dst_offset + nbytes] = src[src_offset : src_offset + nbytes]

@@ -416,33 +416,58 @@ class WorkerAdapter:
         return errors
 
     # -- on the I/O thread
+    def _usable(self, event: bytes | None) -> KVRegistration | None:
+        """The registration to use, or None. A GPU op needs the event recorded on vLLM's stream
+        when the step was handed over (the I/O thread's own stream is not ordered after it)."""
+        if not self._try_register():
+            return None
+        reg = self._registration
+        if reg is not None and reg.gpu is not None and event is None:
+            return None  # registered after this step began: skip it (a miss, never a wrong byte)
+        return reg
+
     def _load(self, op: LoadOp, event: bytes | None) -> tuple[set[int], int]:
         """Runs a Retrieve: (the blocks that were not loaded, which vLLM recomputes; the server's
         GPU event that marks the copies done, or -1)."""
         written, gpu_event = 0, -1
+        reg = None
         try:
-            if self._try_register():
-                reg = self._registration
-                assert reg is not None
+            reg = self._usable(event)
+            if reg is not None:
                 written = self._client.retrieve(reg, op.hashes, op.block_ids, op.skip_blocks, op.salt, event=event)
                 gpu_event = reg.gpu.last if reg.gpu is not None else -1
         except (ServerUnavailableError, ServerError, OSError, ValueError) as e:
             logger.warning("Load for %s failed (%s); vLLM recomputes it", op.req_id, e)
+            gpu_event = self._fence(reg)
             self._lost_registration(e)
         bpc = len(op.block_ids) // max(1, len(op.hashes) // HASH_BYTES)
         return set(op.block_ids[max(written * bpc, op.skip_blocks):]), gpu_event
 
     def _store(self, op: StoreOp, event: bytes | None) -> tuple[None, int]:
+        reg = None
         try:
-            if self._try_register():
-                reg = self._registration
-                assert reg is not None
+            reg = self._usable(event)
+            if reg is not None:
                 reply = self._client.store(reg, op.hashes, op.block_ids, op.salt, event=event)
                 return None, reply.event
         except (ServerUnavailableError, ServerError, OSError, ValueError) as e:
             logger.warning("Store for %s failed (%s)", op.req_id, e)
+            gpu_event = self._fence(reg)
             self._lost_registration(e)
+            return None, gpu_event
         return None, -1
+
+    def _fence(self, reg: KVRegistration | None) -> int:
+        """After a failed GPU op the server may still have its copies queued: the blocks count
+        as free only after a server event recorded behind them."""
+        if reg is None or reg.gpu is None:
+            return -1
+        try:
+            return self._client.call(p.Fence(reg.instance_id), p.Fenced, self.config.timeout_s).event
+        except (ServerUnavailableError, ServerError) as e:
+            # Unreachable or restarted: a server process that is gone has no copies left to run.
+            logger.warning("Could not fence the GPU copies of %s (%s)", reg.instance_id, e)
+            return -1
 
     def _lost_registration(self, error: Exception) -> None:
         if isinstance(error, ServerError) and "unknown instance" in error.message:
