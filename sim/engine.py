@@ -160,18 +160,8 @@ class SimEngine:
         for rank, res in enumerate(results):
             self.stats.mismatches.extend(res.mismatches)
             self._load_errors |= res.load_errors
-            for req_id in res.finished_recving:
-                req = self.active.get(req_id)
-                if req is not None:
-                    req.recv_ranks.add(rank)
-                    if len(req.recv_ranks) == self.ranks:
-                        recv_done.add(req_id)
-            for req_id in res.finished_sending:
-                req = self.freeing.get(req_id)
-                if req is not None:
-                    req.send_ranks.add(rank)
-                    if len(req.send_ranks) == self.ranks:
-                        send_done.add(req_id)
+            recv_done |= self._every_rank(res.finished_recving, self.active, "recv_ranks", rank)
+            send_done |= self._every_rank(res.finished_sending, self.freeing, "send_ranks", rank)
         self.scheduler.update_connector_output(send_done, recv_done)
         for req_id in recv_done:
             self._loaded(self.active[req_id])
@@ -186,6 +176,18 @@ class SimEngine:
         return done
 
     # --- the scheduler's bookkeeping ---------------------------------------------------------
+
+    def _every_rank(self, reported: set[str], requests: dict[str, _Req], ranks: str, rank: int) -> set[str]:
+        """The requests ``rank`` reported that every rank has now reported (as vLLM counts them)."""
+        done = set()
+        for req_id in reported:
+            req = requests.get(req_id)
+            if req is not None:
+                seen = getattr(req, ranks)
+                seen.add(rank)
+                if len(seen) == self.ranks:
+                    done.add(req_id)
+        return done
 
     def _admit(self) -> None:
         bs = self.spec.block_size
