@@ -30,7 +30,7 @@ app = typer.Typer(
 
 
 # Config fields whose flag is not simply the field name with dashes.
-_FLAGS = {"lock_ttl_s": "--lock-ttl"}
+_FLAGS = {"lock_ttl_s": "--lock-ttl", "engine_ttl_s": "--engine-ttl"}
 
 
 def _choices(kind: type[enum.Enum]) -> str:
@@ -77,6 +77,9 @@ def server(
     lock_ttl: Annotated[
         float, typer.Option("--lock-ttl", help="Seconds after which a dead client's locks on cached chunks expire.")
     ] = 60.0,
+    engine_ttl: Annotated[
+        float, typer.Option("--engine-ttl", help="Seconds without a store or load after which an engine's registration is dropped.")
+    ] = 600.0,
     gpu_copy: Annotated[
         str, typer.Option("--gpu-copy", metavar="staging|mapped",
                           help="How GPU engines' KV crosses PCIe: a device buffer and DMA, or kernels on mapped pinned L1.")
@@ -97,6 +100,7 @@ def server(
             lock_ttl_s=lock_ttl,
             l1_shm=l1_shm,
             gpu_copy=gpu_copy,
+            engine_ttl_s=engine_ttl,
         )
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint=f"'{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}'") from None

@@ -63,6 +63,10 @@ class ServerConfig:
     # Locks (a store being written, a lookup's or retrieve's read lock) expire after this, so a
     # client that dies cannot pin memory.
     lock_ttl_s: float = 60.0
+    # A registration with no store, retrieve or fence for this long is dropped (its engine is
+    # taken for dead, and its SHM or GPU mappings are closed); a live engine that was only idle
+    # registers again on its next request.
+    engine_ttl_s: float = 600.0
     # A request frame above this gets an Error reply. Requests carry keys and block ids only
     # (a 1M-token prompt is 4096 keys, about 100 KiB), so 8 MiB is generous.
     max_message_bytes: int = 8 << 20
@@ -88,6 +92,8 @@ class ServerConfig:
             raise ConfigError("chunk_size", f"must be between 1 and 1048576 tokens (got {self.chunk_size})")
         if not self.lock_ttl_s > 0:
             raise ConfigError("lock_ttl_s", f"must be greater than 0 (got {self.lock_ttl_s:g})")
+        if not self.engine_ttl_s > 0:
+            raise ConfigError("engine_ttl_s", f"must be greater than 0 (got {self.engine_ttl_s:g})")
         if self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes", f"must be at least 1024 (got {self.max_message_bytes})")
         for field in ("host", "http_host"):

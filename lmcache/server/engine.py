@@ -62,6 +62,7 @@ class _Registration:
     object_bytes: int
     cache: RegisteredCache | GpuCache | None  # engine_driven, cuda_ipc: the server copies pages
     segments: list[str]
+    last_seen: float = field(default_factory=time.monotonic)  # its latest store, retrieve or fence
 
     @property
     def page_format(self) -> str:
@@ -82,6 +83,7 @@ class _Registration:
             "blocks": self.layout.num_blocks,
             "object_bytes": self.object_bytes,
             "segments": self.segments,
+            "idle_seconds": round(time.monotonic() - self.last_seen, 1),
         }
 
 
@@ -127,6 +129,7 @@ class CacheEngine:
         self._gpus: dict[str, Any] = {}  # device UUID -> its CUDA runtime (the first pins the L1 arena)
         self._gpu_done: dict[int, GpuCompletions] = {}  # per runtime: a stuck device stalls only itself
         self._gpu_lock = threading.Lock()  # registrations that create a runtime, one at a time
+        self._stopping = threading.Event()  # stops the reaper of idle registrations
         self.l1 = L1Cache(pool, POLICIES[config.eviction_policy], config.lock_ttl_s)
         self._arena = np.frombuffer(pool, dtype=np.uint8)  # what the kernels copy into and out of
         self._engines: dict[str, _Registration] = {}
@@ -143,14 +146,17 @@ class CacheEngine:
             assert self._state is EngineState.STARTING, self._state
             self._state = EngineState.READY
         self.l1.pool.start_prefault()
+        threading.Thread(target=self._reap_until_stopped, name="lmcache-reaper", daemon=True).start()
 
     def begin_shutdown(self) -> None:
         with self._lock:
             if self._state is EngineState.READY:
                 self._state = EngineState.STOPPING
+        self._stopping.set()
 
     def close(self) -> None:
         """Releases everything the engine holds (the pool's memory included); idempotent."""
+        self._stopping.set()
         with self._lock:
             self._state = EngineState.STOPPED
             registrations = list(self._engines.values())
@@ -462,7 +468,29 @@ class CacheEngine:
         reg = self._engines.get(instance_id)
         if reg is None:
             raise RequestError(f"unknown instance id {instance_id!r}: register its KV cache first")
+        reg.last_seen = time.monotonic()
         return reg
+
+    def reap_idle_engines(self) -> list[str]:
+        """Drops registrations idle for longer than the engine TTL (their engines are taken for
+        dead); returns their instance ids."""
+        stale = time.monotonic() - self.config.engine_ttl_s
+        with self._lock:
+            reaped = [reg for reg in self._engines.values() if reg.last_seen < stale]
+            for reg in reaped:
+                del self._engines[reg.instance_id]
+        for reg in reaped:
+            self._close_cache(reg)
+            logger.info("Dropped the KV cache registration of GPU ID %s: no request for %.0f seconds",
+                        reg.instance_id, self.config.engine_ttl_s)
+        return [reg.instance_id for reg in reaped]
+
+    def _reap_until_stopped(self) -> None:
+        while not self._stopping.wait(min(self.config.engine_ttl_s / 4, 30.0)):
+            try:
+                self.reap_idle_engines()
+            except Exception:  # noqa: BLE001 - the reaper must outlive one bad close
+                logger.exception("While dropping idle registrations")
 
     @staticmethod
     def _blocks(reg: _Registration, n_chunks: int, block_ids: Sequence[int]) -> np.ndarray:
