@@ -204,3 +204,33 @@ def test_a_server_without_a_usable_gpu_refuses_gpu_registrations_and_keeps_servi
         reg = client.register_kv_caches(kv, "m", mode="lmcache_driven")
         assert reg.mode == "lmcache_driven"
         assert client.call(p.Fence(reg.instance_id), p.Fenced).event == -1  # a CPU engine: nothing to fence
+
+
+def test_copies_held_up_by_a_slow_engine_keep_their_locks_renewed() -> None:
+    from lmcache.server.engine import GpuCompletions
+
+    runtime = SimulatedRuntime(np.zeros(64, dtype=np.uint8), hold=True)
+    renewed: list[list] = []
+    done = GpuCompletions("dev", renew=renewed.append, renew_every_s=0.01)
+    finished: list[bool] = []
+    _, marker = runtime.mark()
+    done.when_done(runtime, marker, finished.append, ["lock-a", "lock-b"])
+    _until(lambda: len(renewed) >= 3, "the locks to be renewed while the copy waits")
+    assert renewed[-1] == ["lock-a", "lock-b"] and finished == []
+    runtime.release()
+    _until(lambda: finished == [True], "the copy's follow-up to run")
+    done.close()
+
+
+def test_a_fence_is_answered_after_the_engines_earlier_store() -> None:
+    """The server runs a Fence after every earlier request of its engine, even with several
+    copy threads, so the event it names is recorded behind their copies."""
+    kv = make_kv("LBHNC", "bfloat16", KVShape(layers=8, blocks=130, block_size=16, heads=8, head_size=256))
+    with ServerProcess(l1_size_gb=1, extra_args=["--max-workers", "2"]) as server, \
+            MPClient("127.0.0.1", server.port, timeout_s=30) as client:
+        reg = client.register_kv_caches(kv, "m", mode="engine_driven", instance_id="fenced")
+        hashes = prompt_hashes(random.Random(5).choices(range(50_000), k=8 * 256), 256)
+        store = client.submit(p.Store(reg.instance_id, hashes, list(range(1, 129))))
+        fence = client.submit(p.Fence(reg.instance_id))
+        assert fence.result(30) == p.Fenced(-1) and store.result(30).stored == 8
+        assert store.done_at <= fence.done_at

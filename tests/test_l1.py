@@ -180,3 +180,21 @@ def test_retrieve_locks_only_ready_chunks(clock: Clock) -> None:
     assert got[1] is None and got[2] is None
     assert bytes(l1.view(got[0].obj)) == b"\x01" * OBJ
     assert l1.release(got) == 1
+
+
+def test_renewed_locks_outlive_the_ttl_and_stale_ones_are_not_renewed(clock: Clock) -> None:
+    """Locks under a GPU copy held up by a slow engine are renewed, so their memory is never
+    reused under the copy; a lock that was already given back is not brought back."""
+    l1 = make_l1(clock)
+    writing = l1.reserve(SCOPE, hashes(1), OBJ).handles
+    store(l1, hashes(1, start=100) + hashes(1, start=200))
+    reading = l1.acquire(SCOPE, hashes(1, start=100))
+    done = l1.acquire(SCOPE, hashes(1, start=200))
+    assert l1.release(done) == 1
+    for _ in range(3):
+        clock.now += 20
+        assert l1.renew(writing + reading + done) == 2
+    assert l1.stats()["writing"] == 1 and l1.stats()["read_locked"] == 1 and l1.stats()["expired_locks"] == 0
+    assert l1.commit(writing) == 1 and l1.release(reading) == 1
+    clock.now += 31
+    assert l1.renew(writing + reading) == 0

@@ -165,10 +165,12 @@ class CacheEngine:
             gpus, self._gpus = list(self._gpus.values()), {}
         for reg in registrations:
             self._close_cache(reg)
-        for runtime in gpus:
-            runtime.close()  # lets everything queued run to the end
-        for done in self._gpu_done.values():
+        for runtime in gpus:  # every device's queued copies run to the end ...
+            runtime.synchronize()
+        for done in self._gpu_done.values():  # ... and what follows them ...
             done.close()
+        for runtime in gpus:  # ... before L1 is unpinned
+            runtime.close()
         self.l1.clear()
         del self._arena
         self.l1.pool.close()
@@ -316,7 +318,7 @@ class CacheEngine:
                 else:  # the first pins the whole L1 arena, for every device at once
                     runtime = CupyRuntime(device, self._arena, pin=first)
                 self._gpus[device] = runtime
-                self._gpu_done[id(runtime)] = GpuCompletions(device)
+                self._gpu_done[id(runtime)] = GpuCompletions(device, self.l1.renew, self.config.lock_ttl_s / 3)
                 if first:
                     logger.info("L1 pinned for GPU engines (%.1f GB)", self._arena.nbytes / 1e9)
         storages, opened = runtime.open_storages(cuda)
@@ -335,7 +337,9 @@ class CacheEngine:
         reg = self._registration(instance_id)
         if not isinstance(reg.cache, GpuCache):
             return -1
-        return reg.cache.runtime.mark()[0]
+        index, marker = reg.cache.runtime.mark()
+        self._completions(reg.cache).when_done(reg.cache.runtime, marker, lambda ok: None)  # keeps it alive
+        return index
 
     def gpu_event_handles(self, reg: _Registration) -> list[bytes]:
         return list(reg.cache.runtime.event_handles) if isinstance(reg.cache, GpuCache) else []
@@ -402,7 +406,7 @@ class CacheEngine:
             if stored:
                 logger.info("Stored %d tokens in %.3f seconds", stored * self.config.chunk_size, time.perf_counter() - start)
 
-        self._completions(cache).when_done(cache.runtime, marker, publish)
+        self._completions(cache).when_done(cache.runtime, marker, publish, res.handles)
         return len(chosen), res.present, res.skipped, index
 
     def retrieve(
@@ -461,7 +465,7 @@ class CacheEngine:
             self.l1.release(kept)
             logger.info("Retrieved %d tokens in %.3f seconds", leading * self.config.chunk_size, time.perf_counter() - start)
 
-        self._completions(cache).when_done(cache.runtime, marker, release)
+        self._completions(cache).when_done(cache.runtime, marker, release, kept)
         return leading, index
 
     def _registration(self, instance_id: str) -> _Registration:
@@ -668,15 +672,26 @@ class GpuCompletions:
     runs what must follow them (publishing stored chunks, releasing read locks, closing IPC
     mappings), in queue order."""
 
-    def __init__(self, device: str = "") -> None:
-        self._queue: queue.SimpleQueue[tuple[Any, Any, Any] | None] = queue.SimpleQueue()
+    def __init__(self, device: str = "", renew: Any = None, renew_every_s: float = 10.0) -> None:
+        """``renew(handles)`` keeps the L1 locks under queued copies from expiring while a slow
+        engine holds the stream up."""
+        self._queue: queue.SimpleQueue[tuple[Any, Any, Any, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._name = f"lmcache-gpu-done-{device[:8]}"
+        self._renew = renew
+        self._renew_every_s = renew_every_s
+        self._pending: dict[int, Sequence[Any]] = {}  # L1 locks of the copies not done yet
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count()
 
-    def when_done(self, runtime: Any, marker: Any, then: Any) -> None:
+    def when_done(self, runtime: Any, marker: Any, then: Any, handles: Sequence[Any] = ()) -> None:
         self._start()
-        self._queue.put((runtime, marker, then))
+        key = next(self._ids)
+        if handles:
+            with self._pending_lock:
+                self._pending[key] = handles
+        self._queue.put((runtime, marker, then, key))
 
     def _start(self) -> None:
         with self._start_lock:
@@ -686,14 +701,19 @@ class GpuCompletions:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            runtime, marker, then = item
+            runtime, marker, then, key = item
             ok = True
-            if runtime is not None:
-                try:
-                    runtime.wait_marker(marker)
-                except Exception as e:  # noqa: BLE001 - a failed copy: its chunks are dropped
-                    logger.error("A GPU copy failed: %s", e)
-                    ok = False
+            try:
+                while not runtime.wait_marker(marker, self._renew_every_s):
+                    with self._pending_lock:
+                        waiting = [h for handles in self._pending.values() for h in handles]
+                    if self._renew is not None:
+                        self._renew(waiting)
+            except Exception as e:  # noqa: BLE001 - a failed copy: its chunks are dropped
+                logger.error("A GPU copy failed: %s", e)
+                ok = False
+            with self._pending_lock:
+                self._pending.pop(key, None)
             try:
                 then(ok)
             except Exception:  # noqa: BLE001

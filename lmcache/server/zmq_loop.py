@@ -14,7 +14,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import zmq
 
@@ -66,7 +67,11 @@ class ZmqServer:
             p.FinishRetrieve: lambda r: p.Released(engine.finish_retrieve(r.ticket)),
             p.Fence: lambda r: p.Fenced(engine.fence(r.instance_id)),
         })
-        self._slow = {p.Store, p.Retrieve}
+        # Slow requests run on the worker threads. Registration can take seconds (mapping SHM
+        # segments, pinning L1 for a GPU). A Fence runs after every earlier request of its
+        # engine, so its event is recorded behind any copy those queued.
+        self._slow = {p.Store, p.Retrieve, p.RegisterKVCache, p.Fence}
+        self._in_flight: dict[str, list[Future]] = {}  # per engine instance, in arrival order
         self._workers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="lmcache-worker")
         self._outbox: queue.SimpleQueue[tuple[bytes, bytes, bytes]] = queue.SimpleQueue()
         self._bell_lock = threading.Lock()
@@ -138,7 +143,7 @@ class ZmqServer:
                 frames = router.recv_multipart(zmq.NOBLOCK)  # copies: faster than Frames when small
                 request_id, request = self._decode(frames)
                 if type(request) in self._slow:
-                    self._workers.submit(self._run_slow, frames[0], request_id, request)
+                    self._dispatch(frames[0], request_id, request)
                 else:
                     self._send(frames[0], request_id, self._call(request))
 
@@ -156,8 +161,19 @@ class ZmqServer:
                 return
             self._send(identity, request_id, reply)
 
-    def _run_slow(self, identity: bytes, request_id: bytes, request: p.Request) -> None:
-        """On a worker thread: runs the request, then hands the reply to the loop thread."""
+    def _dispatch(self, identity: bytes, request_id: bytes, request: p.Request) -> None:
+        instance = getattr(request, "instance_id", "")
+        earlier = [f for f in self._in_flight.get(instance, ()) if not f.done()]
+        after = earlier if isinstance(request, p.Fence) else []
+        future = self._workers.submit(self._run_slow, identity, request_id, request, after)
+        self._in_flight[instance] = [*earlier, future]
+        if len(self._in_flight) > 4096:  # forget engines with nothing in flight
+            self._in_flight = {k: v for k, v in self._in_flight.items() if any(not f.done() for f in v)}
+
+    def _run_slow(self, identity: bytes, request_id: bytes, request: p.Request, after: list[Future]) -> None:
+        """On a worker thread: runs the request (after ``after``), then hands the reply to the loop thread."""
+        if after:
+            futures_wait(after)
         self._outbox.put((identity, request_id, self._call(request)))
         with self._bell_lock:  # the PUSH socket is shared by the workers
             try:

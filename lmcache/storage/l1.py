@@ -212,6 +212,22 @@ class L1Cache:
             self._expire()
         return released
 
+    def renew(self, handles: Sequence[LockHandle | None]) -> int:
+        """Pushes the expiry of still-valid locks a TTL further (locks under a GPU copy that
+        is queued behind a slow engine: their memory must not be reused under it)."""
+        renewed = 0
+        with self._lock:
+            now = self._expire()
+            for handle in handles:
+                if handle is None or handle.epoch != handle.obj.epoch:
+                    continue
+                obj = handle.obj
+                if obj.state is State.WRITING or obj.readers:
+                    obj.deadline = max(obj.deadline, now + self._ttl)
+                    heapq.heappush(self._expiries, (obj.deadline, next(self._seq), handle))
+                    renewed += 1
+        return renewed
+
     def view(self, obj: L1Object) -> memoryview:
         """The object's bytes; only for the holder of one of its locks."""
         return self.pool.view(obj.offset, obj.nbytes)

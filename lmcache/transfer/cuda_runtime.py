@@ -14,6 +14,7 @@ everything a queued copy still needs is kept alive until its marker has been wai
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,8 +55,8 @@ class CupyRuntime:
         rt = self._rt = cupy.cuda.runtime
         self._lock = threading.Lock()
         self._opened_events: dict[bytes, int] = {}
+        self._opened: dict[bytes, tuple[int, int]] = {}  # IPC handle -> (pointer, users)
         self._keep: list[Any] = []  # what copies queued since the last mark still need
-        self._kept: dict[int, list[Any]] = {}  # per marker
         self._arena_ptr = arena.ctypes.data
         self._pinned = False
         try:
@@ -71,6 +72,11 @@ class CupyRuntime:
                     self._pinned = True
                 self._arena_dev = self._device_array(self._arena_ptr, arena.nbytes, owner=arena)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory, or pinning refused
+            if self._pinned:
+                try:
+                    rt.hostUnregister(self._arena_ptr)
+                except Exception:  # noqa: BLE001
+                    pass
             raise IpcError(f"cannot set up GPU {self.uuid} on the server: {e}") from None
 
     def _device_array(self, ptr: int, nbytes: int, owner: Any) -> Any:
@@ -79,23 +85,39 @@ class CupyRuntime:
         return cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
 
     # -- IPC memory
-    def open_storages(self, storages: Sequence[CudaIpcStorage]) -> tuple[list[Any], list[int]]:
-        """Device arrays over the engine's storages, and the pointers to close later."""
+    def open_storages(self, storages: Sequence[CudaIpcStorage]) -> tuple[list[Any], list[bytes]]:
+        """Device arrays over the engine's storages, and the handles to close later.
+
+        CUDA opens a handle once per context, so handles are shared and counted: storages in
+        one allocation, or an engine registering again before its old registration closed."""
         arrays, opened = [], []
-        with self._cupy.cuda.Device(self.device):
+        with self._lock, self._cupy.cuda.Device(self.device):
             try:
                 for s in storages:
-                    base = self._rt.ipcOpenMemHandle(bytes(s.handle))
-                    opened.append(base)
+                    handle = bytes(s.handle)
+                    base, users = self._opened.get(handle, (0, 0))
+                    if not users:
+                        base = self._rt.ipcOpenMemHandle(handle)
+                    self._opened[handle] = (base, users + 1)
+                    opened.append(handle)
                     arrays.append(self._device_array(base + s.offset, s.nbytes, owner=None))
             except Exception as e:  # noqa: BLE001 - a stale or foreign handle
-                self.close_storages(opened)
+                self._close_locked(opened)
                 raise IpcError(f"cannot open the engine's CUDA IPC handle: {e}") from None
         return arrays, opened
 
-    def close_storages(self, opened: Sequence[int]) -> None:
-        with self._cupy.cuda.Device(self.device):
-            for base in opened:
+    def close_storages(self, opened: Sequence[bytes]) -> None:
+        with self._lock, self._cupy.cuda.Device(self.device):
+            self._close_locked(opened)
+
+    def _close_locked(self, opened: Sequence[bytes]) -> None:
+        for handle in opened:
+            base, users = self._opened.get(handle, (0, 0))
+            if users > 1:
+                self._opened[handle] = (base, users - 1)
+                continue
+            self._opened.pop(handle, None)
+            if users:
                 try:
                     self._rt.ipcCloseMemHandle(base)
                 except Exception:  # noqa: BLE001 - the engine may be gone already
@@ -162,40 +184,61 @@ class CupyRuntime:
         with self._lock:
             self._keep.append(obj)
 
-    def mark(self) -> tuple[int, Any]:
+    def mark(self) -> tuple[int, _Marker]:
         """Records the next server event after everything queued so far: (its index, a
-        marker the host can wait on)."""
+        marker the host waits on, which keeps alive what the queued copies still use)."""
         with self._lock, self._cupy.cuda.Device(self.device):
             index = self._next_event
             self._next_event = (index + 1) % SERVER_EVENTS
             self._rt.eventRecord(self._events[index], self._stream.ptr)
-            marker = self._cupy.cuda.Event(block=False, disable_timing=True)
-            marker.record(self._stream)
-            self._kept[id(marker)], self._keep = self._keep, []
+            event = self._cupy.cuda.Event(block=False, disable_timing=True)
+            event.record(self._stream)
+            marker, self._keep = _Marker(event, self._keep), []
         return index, marker
 
-    def wait_marker(self, marker: Any) -> None:
-        try:
-            marker.synchronize()
-        finally:
-            with self._lock:
-                kept = self._kept.pop(id(marker), [])
-            for obj in kept:
-                if isinstance(obj, _EventCloser):
-                    obj.close()
+    def wait_marker(self, marker: _Marker, timeout: float | None = None) -> bool:
+        """Waits (polling, not spinning) until the marked work has run; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.0001
+        while not marker.event.done:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+        marker.finish()
+        return True
 
-    def close(self) -> None:
+    def synchronize(self) -> None:
         with self._cupy.cuda.Device(self.device):
             self._stream.synchronize()
-            for event in self._opened_events.values():
+
+    def close(self) -> None:
+        self.synchronize()
+        with self._lock, self._cupy.cuda.Device(self.device):
+            events, self._opened_events = list(self._opened_events.values()), {}
+            for event in events:
                 self._rt.eventDestroy(event)
-            self._opened_events.clear()
+            self._close_locked(list(self._opened))
             if self._pinned:
                 try:
                     self._rt.hostUnregister(self._arena_ptr)
                 except Exception:  # noqa: BLE001
                     pass
             self._arena_dev = None  # the pool cannot close while a view of it lives
+
+
+class _Marker:
+    """A point on the server's stream, and what the copies queued before it still use."""
+
+    def __init__(self, event: Any, kept: list[Any]) -> None:
+        self.event = event
+        self._kept = kept
+
+    def finish(self) -> None:
+        kept, self._kept = self._kept, []
+        for obj in kept:
+            if isinstance(obj, _EventCloser):
+                obj.close()
 
 
 class _EventCloser:
@@ -293,8 +336,11 @@ class SimulatedRuntime:
             marker.set()
         self._markers.clear()
 
-    def wait_marker(self, marker: Any) -> None:
-        marker.wait()
+    def wait_marker(self, marker: Any, timeout: float | None = None) -> bool:
+        return marker.wait(timeout)
+
+    def synchronize(self) -> None:
+        self.release()
 
     def close(self) -> None:
         self.release()

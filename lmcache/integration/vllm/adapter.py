@@ -459,15 +459,23 @@ class WorkerAdapter:
 
     def _fence(self, reg: KVRegistration | None) -> int:
         """After a failed GPU op the server may still have its copies queued: the blocks count
-        as free only after a server event recorded behind them."""
+        as free only after a server event recorded behind them (the server runs a Fence after
+        every earlier request of this engine)."""
         if reg is None or reg.gpu is None:
             return -1
-        try:
-            return self._client.call(p.Fence(reg.instance_id), p.Fenced, self.config.timeout_s).event
-        except (ServerUnavailableError, ServerError) as e:
-            # Unreachable or restarted: a server process that is gone has no copies left to run.
-            logger.warning("Could not fence the GPU copies of %s (%s)", reg.instance_id, e)
-            return -1
+        deadline = time.monotonic() + 4 * self.config.timeout_s
+        while True:
+            try:
+                return self._client.call(p.Fence(reg.instance_id), p.Fenced, self.config.timeout_s).event
+            except ServerError as e:
+                # The registration is gone (server restarted, or it dropped us): the server
+                # closed our memory only after the copies queued on it had run.
+                logger.warning("No GPU fence for %s (%s)", reg.instance_id, e)
+                return -1
+            except ServerUnavailableError as e:
+                if time.monotonic() > deadline:  # a server gone this long took its copies with it
+                    logger.error("Could not fence the GPU copies of %s (%s); releasing the blocks", reg.instance_id, e)
+                    return -1
 
     def _lost_registration(self, error: Exception) -> None:
         if isinstance(error, ServerError) and "unknown instance" in error.message:
