@@ -684,6 +684,7 @@ class GpuCompletions:
         self._pending: dict[int, Sequence[Any]] = {}  # L1 locks of the copies not done yet
         self._pending_lock = threading.Lock()
         self._ids = itertools.count()
+        self._last_renew = time.monotonic()  # renewals are due by the clock, however short each wait
 
     def when_done(self, runtime: Any, marker: Any, then: Any, handles: Sequence[Any] = ()) -> None:
         self._start()
@@ -704,11 +705,12 @@ class GpuCompletions:
             runtime, marker, then, key = item
             ok = True
             try:
-                while not runtime.wait_marker(marker, self._renew_every_s):
+                while not runtime.wait_marker(marker, max(0.0, self._last_renew + self._renew_every_s - time.monotonic())):
                     with self._pending_lock:
                         waiting = [h for handles in self._pending.values() for h in handles]
                     if self._renew is not None:
                         self._renew(waiting)
+                    self._last_renew = time.monotonic()
             except Exception as e:  # noqa: BLE001 - a failed copy: its chunks are dropped
                 logger.error("A GPU copy failed: %s", e)
                 ok = False

@@ -67,12 +67,15 @@ class ZmqServer:
             p.FinishRetrieve: lambda r: p.Released(engine.finish_retrieve(r.ticket)),
             p.Fence: lambda r: p.Fenced(engine.fence(r.instance_id)),
         })
-        # Slow requests run on the worker threads. Registration can take seconds (mapping SHM
-        # segments, pinning L1 for a GPU). A Fence runs after every earlier request of its
-        # engine, so its event is recorded behind any copy those queued.
-        self._slow = {p.Store, p.Retrieve, p.RegisterKVCache, p.Fence}
-        self._in_flight: dict[str, list[Future]] = {}  # per engine instance, in arrival order
+        # Slow requests run off the loop thread: copies on the workers, (un)registration on a
+        # thread of its own (mapping SHM segments or pinning L1 for a GPU can take seconds, and
+        # must not queue behind other engines' copies). A Fence or an Unregister runs after
+        # every earlier request of its engine: the Fence's event is recorded behind any copy
+        # those queued, and an Unregister never overtakes its own Register.
+        self._slow = {p.Store, p.Retrieve, p.RegisterKVCache, p.UnregisterKVCache, p.Fence}
+        self._in_flight: dict[str, list[Future]] = {}  # per engine instance, in arrival order (loop thread only)
         self._workers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="lmcache-worker")
+        self._registrar = ThreadPoolExecutor(1, thread_name_prefix="lmcache-register")
         self._outbox: queue.SimpleQueue[tuple[bytes, bytes, bytes]] = queue.SimpleQueue()
         self._bell_lock = threading.Lock()
         self._request_counters = {
@@ -114,6 +117,7 @@ class ZmqServer:
             if self._thread.is_alive():
                 logger.warning("ZMQ loop did not stop within %.1f s", timeout_s)
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self._registrar.shutdown(wait=True, cancel_futures=True)
         self._close_sockets()
 
     def _close_sockets(self) -> None:
@@ -164,8 +168,9 @@ class ZmqServer:
     def _dispatch(self, identity: bytes, request_id: bytes, request: p.Request) -> None:
         instance = getattr(request, "instance_id", "")
         earlier = [f for f in self._in_flight.get(instance, ()) if not f.done()]
-        after = earlier if isinstance(request, p.Fence) else []
-        future = self._workers.submit(self._run_slow, identity, request_id, request, after)
+        after = earlier if isinstance(request, (p.Fence, p.UnregisterKVCache)) else []
+        pool = self._registrar if isinstance(request, (p.RegisterKVCache, p.UnregisterKVCache)) else self._workers
+        future = pool.submit(self._run_slow, identity, request_id, request, after)
         self._in_flight[instance] = [*earlier, future]
         if len(self._in_flight) > 4096:  # forget engines with nothing in flight
             self._in_flight = {k: v for k, v in self._in_flight.items() if any(not f.done() for f in v)}

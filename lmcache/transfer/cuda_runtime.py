@@ -200,11 +200,15 @@ class CupyRuntime:
         """Waits (polling, not spinning) until the marked work has run; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.0001
-        while not marker.event.done:
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+        try:
+            while not marker.event.done:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.002)
+        except Exception:
+            marker.finish()  # the device failed: nothing queued will use these any more
+            raise
         marker.finish()
         return True
 
@@ -218,7 +222,12 @@ class CupyRuntime:
             events, self._opened_events = list(self._opened_events.values()), {}
             for event in events:
                 self._rt.eventDestroy(event)
-            self._close_locked(list(self._opened))
+            opened, self._opened = self._opened, {}
+            for base, _ in opened.values():  # whoever still counts on them, the server is closing
+                try:
+                    self._rt.ipcCloseMemHandle(base)
+                except Exception:  # noqa: BLE001
+                    pass
             if self._pinned:
                 try:
                     self._rt.hostUnregister(self._arena_ptr)

@@ -40,6 +40,7 @@ from lmcache.keys import HASH_BYTES, CacheScope, prompt_hashes
 from lmcache.log import init_logger
 
 logger = init_logger(__name__)
+_FOREVER_S = 7 * 24 * 3600.0  # a Fence is waited for as long as the server is alive
 
 
 class LoadOp(msgspec.Struct, array_like=True, frozen=True):
@@ -463,19 +464,22 @@ class WorkerAdapter:
         every earlier request of this engine)."""
         if reg is None or reg.gpu is None:
             return -1
-        deadline = time.monotonic() + 4 * self.config.timeout_s
-        while True:
-            try:
-                return self._client.call(p.Fence(reg.instance_id), p.Fenced, self.config.timeout_s).event
-            except ServerError as e:
-                # The registration is gone (server restarted, or it dropped us): the server
-                # closed our memory only after the copies queued on it had run.
-                logger.warning("No GPU fence for %s (%s)", reg.instance_id, e)
-                return -1
-            except ServerUnavailableError as e:
-                if time.monotonic() > deadline:  # a server gone this long took its copies with it
-                    logger.error("Could not fence the GPU copies of %s (%s); releasing the blocks", reg.instance_id, e)
-                    return -1
+        try:
+            fence = self._client.submit(p.Fence(reg.instance_id), timeout=_FOREVER_S)
+            while not fence.wait(self.config.timeout_s):
+                # Slow (its Fence queues behind our earlier requests) or gone? Ping is answered
+                # at once by a server that is alive; only a server that is gone, and took its
+                # queued copies with it, lets the blocks go without the fence.
+                self._client.ping(timeout=self.config.timeout_s)
+            reply = fence.result()
+            return reply.event if isinstance(reply, p.Fenced) else -1
+        except ServerError as e:
+            # The registration is gone (server restarted, or it dropped us): the server closed
+            # our memory only after the copies queued on it had run.
+            logger.warning("No GPU fence for %s (%s)", reg.instance_id, e)
+        except ServerUnavailableError as e:
+            logger.error("The LMCache server is gone (%s); releasing the blocks of %s", e, reg.instance_id)
+        return -1
 
     def _lost_registration(self, error: Exception) -> None:
         if isinstance(error, ServerError) and "unknown instance" in error.message:
