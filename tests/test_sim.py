@@ -197,3 +197,16 @@ def test_sweep_writes_a_plot_and_hit_rates_that_grow_with_l1(tmp_path: Path) -> 
     assert rows[0]["evictions"] > 0 and rows[1]["evictions"] == 0
     assert rows[0]["hit_rate"] < rows[1]["hit_rate"]
     assert rows[1]["hit_tokens"] == expected_hit_tokens(trace, 40)
+
+
+def test_it_can_play_against_a_server_that_is_already_running(tmp_path: Path) -> None:
+    from lmcache.client import MPClient
+    from lmcache.server.process import ServerProcess
+
+    with ServerProcess() as server:
+        code, report, output = run_sim(tmp_path, "synth", "repeat", "--requests", "4", "--prompt-tokens", "1024",
+                                       "--sequential", "--host", "127.0.0.1", "--port", str(server.port))
+        assert code == 0, output
+        assert report["mismatched_bytes"] == 0 and report["hit_tokens"] == 2 * 3 * CHUNK
+        with MPClient("127.0.0.1", server.port, timeout_s=10) as client:
+            assert client.status()["l1"]["objects"] == 2 * 4  # what the simulator stored stays
