@@ -287,9 +287,7 @@ class SimulatedRuntime:
         self.closed: list[bytes] = []
         self.forgotten: list[bytes] = []
 
-    def open_storages(self, storages: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-        if not storages or not isinstance(storages[0], CudaIpcStorage):
-            return list(storages), []  # tests that hand over arrays directly
+    def open_storages(self, storages: Sequence[CudaIpcStorage]) -> tuple[list[Any], list[bytes]]:
         arrays = []
         for s in storages:
             base = self._exported.get(bytes(s.handle))
