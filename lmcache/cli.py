@@ -1,16 +1,18 @@
-"""The `lmcache` command: `lmcache server` runs the cache server, `lmcache ping` checks one."""
+"""The `lmcache` command: `lmcache server` runs the cache server, `lmcache ping` checks one,
+`lmcache keygen` writes a CurveZMQ key pair for them."""
 
 from __future__ import annotations
 
 import enum
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lmcache import __version__
-from lmcache.config import ConfigError, EvictionPolicy, LogLevel, ServerConfig, zmq_endpoint
+from lmcache.config import ConfigError, ConnectorConfig, EvictionPolicy, LogLevel, ServerConfig, zmq_endpoint
 
 try:  # typer >= 0.16 vendors click; older releases use the click package
     from typer._click import exceptions as click_exceptions
@@ -84,6 +86,20 @@ def server(
         str, typer.Option("--gpu-copy", metavar="staging|mapped",
                           help="How GPU engines' KV crosses PCIe: a device buffer and DMA, or kernels on mapped pinned L1.")
     ] = "staging",
+    admin_token: Annotated[
+        str, typer.Option("--admin-token", envvar="LMCACHE_ADMIN_TOKEN", show_default=False,
+                          help="Bearer token that POST /clear-cache requires (off when empty). Prefer the "
+                          "environment variable: a flag is visible to other users in the process list.")
+    ] = "",
+    curve_secret_key: Annotated[
+        str, typer.Option("--curve-secret-key", metavar="FILE",
+                          help="Encrypt the ZMQ port with CurveZMQ using this server certificate "
+                          "(NAME.key_secret from `lmcache keygen`).")
+    ] = "",
+    curve_authorized_keys: Annotated[
+        str, typer.Option("--curve-authorized-keys", metavar="DIR",
+                          help="Only let in ZMQ clients whose public key (a *.key file) is in this directory.")
+    ] = "",
 ) -> int:
     """Run the LMCache cache server (ZMQ for vLLM, HTTP for operators) until SIGINT or SIGTERM."""
     try:
@@ -101,6 +117,9 @@ def server(
             l1_shm=l1_shm,
             gpu_copy=gpu_copy,
             engine_ttl_s=engine_ttl,
+            admin_token=admin_token,
+            curve_secret_key=curve_secret_key,
+            curve_authorized_keys=curve_authorized_keys,
         )
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint=f"'{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}'") from None
@@ -114,12 +133,26 @@ def ping(
     host: Annotated[str, typer.Option("--host", help="Server host.")] = "localhost",
     port: Annotated[int, typer.Option("--port", help="Server ZMQ port.")] = 5555,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for an answer.")] = 2.0,
+    curve_server_key: Annotated[
+        str, typer.Option("--curve-server-key", metavar="KEY|FILE",
+                          help="The server's CurveZMQ public key (z85) or its .key file, for a server with --curve-secret-key.")
+    ] = "",
+    curve_client_secret_file: Annotated[
+        str, typer.Option("--curve-client-secret-file", metavar="FILE",
+                          help="This client's .key_secret file, for a server with --curve-authorized-keys.")
+    ] = "",
 ) -> int:
     """Ask a running server who it is and time a round trip; exits 1 when it does not answer."""
     from lmcache.client import MPClient, ServerError, ServerUnavailableError
 
+    try:  # the connector's own checks, so a bad key is one usage line naming its flag
+        ConnectorConfig(curve_server_key=curve_server_key, curve_client_secret_file=curve_client_secret_file)
+    except ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint=f"'--{e.field.replace('_', '-')}'") from None
     endpoint = zmq_endpoint(host, port)
-    with MPClient(host, port, timeout_s=timeout) as client:
+    client = MPClient(host, port, timeout_s=timeout, curve_server_key=curve_server_key or None,
+                      curve_client_secret_file=curve_client_secret_file or None)
+    with client:
         try:
             hello = client.hello(client_name="lmcache ping")
             start = time.perf_counter()
@@ -135,6 +168,26 @@ def ping(
     typer.echo(f"  chunk size      {hello.chunk_size} tokens")
     typer.echo(f"  transfer modes  {modes}")
     typer.echo(f"  round trip      {rtt_ms:.3f} ms")
+    return 0
+
+
+@app.command()
+def keygen(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write the key pair (created if missing).")],
+    name: Annotated[str, typer.Option("--name", help="File name of the pair: NAME.key and NAME.key_secret.")] = "lmcache",
+) -> int:
+    """Write a CurveZMQ key pair: NAME.key (public, hand it out) and NAME.key_secret (owner-only)."""
+    from lmcache.security import load_public_key, write_keypair
+
+    try:
+        public_file, secret_file = write_keypair(directory, name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--name'") from None
+    except OSError as e:  # an existing pair (never overwritten) or a directory we cannot write
+        raise typer.BadParameter(str(e), param_hint="'DIR'") from None
+    typer.echo(f"public key  {public_file}")
+    typer.echo(f"secret key  {secret_file}")
+    typer.echo(f"z85 public  {load_public_key(public_file).decode()}")
     return 0
 
 

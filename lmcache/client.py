@@ -29,6 +29,7 @@ from lmcache.config import zmq_endpoint
 from lmcache.keys import HASH_BYTES, CacheScope
 from lmcache.log import init_logger
 from lmcache.transfer.layouts import PageLayout, describe
+from lmcache.transfer.liveness import process_mark
 from lmcache.transfer.registered import RegisteredCache, storage_array
 from lmcache.transfer.shm import ARENA_PREFIX, map_segment, migrate_to_shm
 
@@ -137,16 +138,44 @@ class KVRegistration:
         return CacheScope(self.model, self.world_size, self.rank, self.page_format, salt)
 
 
+def _curve_keys(
+    server_key: str | bytes | None, client_secret_file: str | None
+) -> tuple[bytes, bytes, bytes] | None:
+    """(server public, client public, client secret) z85 keys, or None when CurveZMQ is off."""
+    if not server_key:
+        if client_secret_file:
+            raise ValueError("curve_client_secret_file needs curve_server_key (the server's public key)")
+        return None
+    from lmcache.security import client_keypair, server_public_key
+
+    return (server_public_key(server_key), *client_keypair(client_secret_file))
+
+
 class MPClient:
-    def __init__(self, host: str = "localhost", port: int = 5555, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 5555,
+        timeout_s: float = 5.0,
+        *,
+        curve_server_key: str | bytes | None = None,
+        curve_client_secret_file: str | None = None,
+    ) -> None:
+        """``curve_server_key`` (z85 text or the path of the server's certificate) turns on
+        CurveZMQ for a server started with ``--curve-secret-key``; ``curve_client_secret_file``
+        (a .key_secret file) is this client's identity for ``--curve-authorized-keys``. A bad
+        key raises ``lmcache.security.KeyFileError`` (a ValueError) here, before any I/O."""
         self.endpoint = zmq_endpoint(host, port)
         self.timeout_s = timeout_s
+        curve = _curve_keys(curve_server_key, curve_client_secret_file)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         # Waiting is a blocking recv bounded by this slice: cheaper than a poll per round trip.
         self._sock.setsockopt(zmq.RCVTIMEO, int(_POLL_SLICE_S * 1000))
+        if curve is not None:  # must precede connect: the handshake mechanism is fixed per connection
+            self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
         self._sock.connect(self.endpoint)
         self._lock = threading.Lock()
         self._pending: dict[bytes, ReplyFuture] = {}
@@ -224,8 +253,11 @@ class MPClient:
         layout, storages = describe(tensors, kv_split)
         instance_id = instance_id or f"{os.getpid()}"
         segments = migrate_to_shm(tensors, storages) if mode == "engine_driven" else []
+        liveness = process_mark() if mode == "lmcache_driven" else ""
         try:
-            request = p.RegisterKVCache(instance_id, model, world_size, rank, layout, [s.name for s in segments], mode)
+            request = p.RegisterKVCache(
+                instance_id, model, world_size, rank, layout, [s.name for s in segments], mode, liveness=liveness
+            )
             reply = self.call(request, p.Registered, timeout)
         finally:
             for segment in segments:
@@ -310,7 +342,15 @@ class MPClient:
                 copier.cache.scatter(copier.arena, offset, blocks[i], max(0, skip_blocks - i * bpc))
                 written += 1
         finally:
-            self.call(p.FinishRetrieve(slots.ticket), p.Released, timeout)
+            released = self.call(p.FinishRetrieve(slots.ticket), p.Released, timeout).locks
+        if released != len(slots.offsets):
+            # A lock expired while this process copied (it was paused longer than the lock TTL):
+            # the slot may have held another chunk by then. Nothing copied counts as loaded.
+            logger.warning(
+                "Load of %d chunk(s) discarded: %d of their locks expired during the copy",
+                len(slots.offsets), len(slots.offsets) - released,
+            )
+            return 0
         return written
 
     # --- generic --------------------------------------------------------------------------

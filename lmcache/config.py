@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 GIB = 1 << 30
+MIN_L1_GB = 1 / 1024  # one MiB: the smallest pool worth having
+MAX_L1_GB = float(1 << 20)  # one PiB: no machine has more, and sizes stay exact integers
 
 
 class ConfigError(ValueError):
@@ -73,13 +75,22 @@ class ServerConfig:
     # How GPU engines' pages cross PCIe: "staging" (device buffer + DMA) or "mapped" (the kernel
     # reaches pinned L1 directly). scripts/gpu_check.sh measures both.
     gpu_copy: str = "staging"
+    # Bearer token that state-changing HTTP routes (/clear-cache) require; "" leaves them open.
+    # Kept out of repr, and as_dict masks it, so /status and the logs never show it.
+    admin_token: str = dataclasses.field(default="", repr=False)
+    # CurveZMQ: the server's certificate file (public + secret key) encrypts the ZMQ port; a
+    # directory of client public certificates, if given, is the only set of clients let in.
+    curve_secret_key: str = ""
+    curve_authorized_keys: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "host", strip_scheme(self.host))
         object.__setattr__(self, "eviction_policy", _enum(EvictionPolicy, "eviction_policy", self.eviction_policy))
         object.__setattr__(self, "log_level", _enum(LogLevel, "log_level", self.log_level))
-        if not self.l1_size_gb > 0:
-            raise ConfigError("l1_size_gb", f"must be greater than 0 (got {self.l1_size_gb:g})")
+        if not MIN_L1_GB <= self.l1_size_gb <= MAX_L1_GB:  # also refuses nan and inf
+            raise ConfigError(
+                "l1_size_gb", f"must be between 1 MiB ({MIN_L1_GB:g}) and {MAX_L1_GB:.0f} GiB (got {self.l1_size_gb:g})"
+            )
         for field in ("port", "http_port"):
             value = getattr(self, field)
             if not 1 <= value <= 65535:
@@ -101,6 +112,26 @@ class ServerConfig:
                 raise ConfigError(field, "must not be empty")
         if self.gpu_copy not in ("staging", "mapped"):
             raise ConfigError("gpu_copy", f"must be staging or mapped (got {self.gpu_copy!r})")
+        self._check_access_control()
+
+    def _check_access_control(self) -> None:
+        # Imported here: it pulls in zmq, which `lmcache --help` and plain configs do not need.
+        from lmcache.security import KeyFileError, check_token, load_authorized_keys, load_keypair
+
+        if (why := check_token(self.admin_token)) is not None:
+            raise ConfigError("admin_token", why)  # the message never quotes the token
+        if self.curve_authorized_keys and not self.curve_secret_key:
+            raise ConfigError("curve_authorized_keys", "needs --curve-secret-key (the server's own key pair)")
+        try:
+            if self.curve_secret_key:
+                load_keypair(self.curve_secret_key)
+        except KeyFileError as e:
+            raise ConfigError("curve_secret_key", str(e)) from None
+        try:
+            if self.curve_authorized_keys:
+                load_authorized_keys(self.curve_authorized_keys)
+        except KeyFileError as e:
+            raise ConfigError("curve_authorized_keys", str(e)) from None
 
     @property
     def l1_size_bytes(self) -> int:
@@ -111,11 +142,15 @@ class ServerConfig:
         return zmq_endpoint(self.host, self.port)
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values, for /status and the start-up log."""
-        return {
+        """Plain JSON-able values, for /status and the start-up log; secrets are masked."""
+        from lmcache.security import mask_secret
+
+        values = {
             f.name: (v.value if isinstance(v := getattr(self, f.name), enum.Enum) else v)
             for f in dataclasses.fields(self)
         }
+        values["admin_token"] = mask_secret(self.admin_token)
+        return values
 
 
 def _enum(kind: type[enum.Enum], field: str, value: Any) -> Any:
@@ -142,6 +177,11 @@ class ConnectorConfig:
     timeout_s: float = 5.0
     # How often a worker that is not registered (server down at start, or restarted) tries again.
     retry_interval_s: float = 5.0
+    # CurveZMQ, for a server started with --curve-secret-key: its public key (z85 text or the
+    # path of its .key file), and this client's own certificate (.key_secret) when the server
+    # only lets in listed clients. Without the latter a throwaway key pair is made per client.
+    curve_server_key: str = ""
+    curve_client_secret_file: str = ""
 
     KEYS = {
         "lmcache.mp.host": "host",
@@ -151,6 +191,8 @@ class ConnectorConfig:
         "lmcache.mp.lookup_wait_ms": "lookup_wait_ms",
         "lmcache.mp.timeout_s": "timeout_s",
         "lmcache.mp.retry_interval_s": "retry_interval_s",
+        "lmcache.mp.curve_server_key": "curve_server_key",
+        "lmcache.mp.curve_client_secret_file": "curve_client_secret_file",
     }
 
     def __post_init__(self) -> None:
@@ -160,6 +202,24 @@ class ConnectorConfig:
             raise ConfigError("port", f"must be a TCP port (got {self.port})")
         if self.timeout_s <= 0 or self.lookup_wait_ms < 0 or self.retry_interval_s <= 0:
             raise ConfigError("timeout_s", "timeouts must be positive")
+        if self.curve_server_key or self.curve_client_secret_file:
+            self._check_curve()
+
+    def _check_curve(self) -> None:
+        # A bad key fails vLLM's start-up with a clear message rather than every request later.
+        from lmcache.security import KeyFileError, load_keypair, server_public_key
+
+        if not self.curve_server_key:
+            raise ConfigError("curve_client_secret_file", "needs lmcache.mp.curve_server_key (the server's public key)")
+        try:
+            server_public_key(self.curve_server_key)
+        except KeyFileError as e:
+            raise ConfigError("curve_server_key", str(e)) from None
+        try:
+            if self.curve_client_secret_file:
+                load_keypair(self.curve_client_secret_file)
+        except KeyFileError as e:
+            raise ConfigError("curve_client_secret_file", str(e)) from None
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorConfig:

@@ -9,7 +9,7 @@ every token before it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import msgspec
 import numpy as np
@@ -19,14 +19,23 @@ from lmcache._fast.hashing import CHAIN_SEED, HASH_BYTES, chunk_hashes
 __all__ = ["CHAIN_SEED", "HASH_BYTES", "CacheScope", "ChunkKey", "chunk_keys", "prompt_hashes", "split_hashes"]
 
 
+# Bounds every decoded message is held to before any work is done for it (see protocol.py).
+MAX_NAME_CHARS = 512  # model names, salts, sessions, instance ids, page formats
+MAX_WORLD_SIZE = 1024  # ranks of one model instance (tensor x pipeline parallel)
+MAX_REQUEST_CHUNKS = 1 << 16  # chunks in one request: 16M tokens at 256 per chunk
+
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+Hashes = Annotated[bytes, msgspec.Meta(max_length=MAX_REQUEST_CHUNKS * HASH_BYTES)]
+
+
 class CacheScope(msgspec.Struct, frozen=True, array_like=True):
     """Everything besides the tokens that decides whether two chunks are interchangeable."""
 
-    model: str
-    world_size: int = 1
-    rank: int = 0
-    page_format: str = ""  # layout, dtype, heads, head size, block size: see transfer/layouts.py
-    salt: str = ""  # the request's cache salt: isolates tenants
+    model: Name
+    world_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)] = 1
+    rank: Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)] = 0
+    page_format: Name = ""  # layout, dtype, heads, head size, block size: see transfer/layouts.py
+    salt: Name = ""  # the request's cache salt: isolates tenants
 
     def for_rank(self, rank: int) -> CacheScope:
         return msgspec.structs.replace(self, rank=rank)

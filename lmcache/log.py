@@ -16,11 +16,24 @@ _SANIC_LOGGERS = ("sanic.root", "sanic.error", "sanic.server", "sanic.access", "
 _handler: logging.Handler | None = None
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Escapes control characters in messages: text a client sent (a name, an id) that holds a
+    newline must not be able to forge a log line of its own. Tracebacks keep their lines."""
+
+    _ESCAPES = {c: f"\\x{c:02x}" for c in range(32) if c != 9} | {
+        c: f"\\u{c:04x}" for c in (0x7F, 0x85, 0x2028, 0x2029)  # what some log readers split lines on
+    }
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = record.message.translate(self._ESCAPES)
+        return super().formatMessage(record)
+
+
 def _configure_once() -> logging.Handler:
     global _handler
     if _handler is None:
         _handler = logging.StreamHandler(sys.stderr)
-        _handler.setFormatter(logging.Formatter(_FORMAT))
+        _handler.setFormatter(_OneLineFormatter(_FORMAT))
         root = logging.getLogger(_ROOT)
         root.addHandler(_handler)
         root.setLevel(logging.INFO)

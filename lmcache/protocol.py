@@ -52,16 +52,26 @@ Chunk hashes travel as one ``bytes`` field of concatenated 16-byte hashes (see k
 from __future__ import annotations
 
 import enum
-from typing import Any, Union
+import re
+from typing import Annotated, Any, Union
 
 import msgspec
 
-from lmcache.keys import CacheScope
-from lmcache.transfer.layouts import PageLayout
+from lmcache.keys import MAX_REQUEST_CHUNKS, MAX_WORLD_SIZE, CacheScope, Hashes, Name
+from lmcache.transfer.layouts import MAX_BLOCKS, MAX_LAYERS, PageLayout
 from lmcache.transfer.cuda_ipc import CudaIpcStorage
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_ID_BYTES = 64
+
+# Every size-like field is bounded here, so the decoder refuses an out-of-range value before
+# anything proportional to it is built (keys.py and layouts.py hold the bounds of their types).
+_BlockId = Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOCKS)]
+BlockIds = Annotated[list[_BlockId], msgspec.Meta(max_length=MAX_REQUEST_CHUNKS * 64)]
+_Flags = Annotated[list[bool], msgspec.Meta(max_length=MAX_REQUEST_CHUNKS)]
+_Event = Annotated[bytes, msgspec.Meta(max_length=256)]
+_Ticket = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 
 
 class _Message(msgspec.Struct, array_like=True, frozen=True):
@@ -72,8 +82,8 @@ class _Message(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Hello(_Message, tag=1):
-    client_version: str = ""
-    client_name: str = ""
+    client_version: Name = ""
+    client_name: Name = ""
 
 
 class Ping(_Message, tag=2):
@@ -90,72 +100,76 @@ class Clear(_Message, tag=4):
 
 class Lookup(_Message, tag=5):
     scope: CacheScope  # an empty page_format means: the format each rank registered
-    hashes: bytes
+    hashes: Hashes
     all_ranks: bool = False  # count a chunk only if every rank of scope.world_size has it
     lock: bool = False  # read-lock the counted chunks for `session`
-    session: str = ""
+    session: Name = ""
 
 
 class ReleaseLocks(_Message, tag=6):
-    session: str
-    hashes: bytes = b""  # empty: every lock the session holds
+    session: Name
+    hashes: Hashes = b""  # empty: every lock the session holds
 
 
 class EndSession(_Message, tag=7):
-    session: str
+    session: Name
 
 
 class RegisterKVCache(_Message, tag=8):
-    instance_id: str  # unique per engine worker; the server logs it as the "GPU ID"
-    model: str
-    world_size: int
-    rank: int
+    instance_id: Name  # unique per engine worker; the server logs it as the "GPU ID"
+    model: Name
+    world_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
+    rank: Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)]
     layout: PageLayout
-    segments: list[str]  # one SHM segment per storage of the layout, in order
-    mode: str = "engine_driven"
-    cuda: list[CudaIpcStorage] = msgspec.field(default_factory=list)  # cuda_ipc: one per storage
+    segments: Annotated[list[Name], msgspec.Meta(max_length=MAX_LAYERS)]  # one SHM segment per storage, in order
+    mode: Name = "engine_driven"
+    # cuda_ipc: one per storage
+    cuda: Annotated[list[CudaIpcStorage], msgspec.Meta(max_length=MAX_LAYERS)] = msgspec.field(default_factory=list)
+    # lmcache_driven: a file in /dev/shm this engine holds an flock on for as long as it lives
+    # (see transfer/liveness.py): slots it was handed are reused only once it is gone or done.
+    liveness: Name = ""
 
 
 class UnregisterKVCache(_Message, tag=9):
-    instance_id: str
+    instance_id: Name
 
 
 class Store(_Message, tag=10):
-    instance_id: str
-    hashes: bytes  # the chunks, 16 bytes each
-    block_ids: list[int]  # blocks_per_chunk per chunk, in order
-    salt: str = ""
-    event: bytes = b""  # cuda_ipc: the engine's interprocess event to wait for before reading
+    instance_id: Name
+    hashes: Hashes  # the chunks, 16 bytes each
+    block_ids: BlockIds  # blocks_per_chunk per chunk, in order
+    salt: Name = ""
+    event: _Event = b""  # cuda_ipc: the engine's interprocess event to wait for before reading
 
 
 class Retrieve(_Message, tag=11):
-    instance_id: str
-    hashes: bytes
-    block_ids: list[int]
-    skip_blocks: int = 0  # leading blocks the engine already holds: not written
-    salt: str = ""
-    event: bytes = b""  # cuda_ipc: the engine's interprocess event to wait for before writing
+    instance_id: Name
+    hashes: Hashes
+    block_ids: BlockIds
+    skip_blocks: _Count = 0  # leading blocks the engine already holds: not written
+    salt: Name = ""
+    event: _Event = b""  # cuda_ipc: the engine's interprocess event to wait for before writing
 
 
 class PrepareStore(_Message, tag=12):
-    instance_id: str
-    hashes: bytes
-    salt: str = ""
+    instance_id: Name
+    hashes: Hashes
+    salt: Name = ""
 
 
 class CommitStore(_Message, tag=13):
-    ticket: int
-    ok: list[bool]  # per offset of the Slots reply: was the copy complete
+    ticket: _Ticket
+    ok: _Flags  # per offset of the Slots reply: was the copy complete
 
 
 class PrepareRetrieve(_Message, tag=14):
-    instance_id: str
-    hashes: bytes
-    salt: str = ""
+    instance_id: Name
+    hashes: Hashes
+    salt: Name = ""
 
 
 class FinishRetrieve(_Message, tag=15):
-    ticket: int
+    ticket: _Ticket
 
 
 # --- replies --------------------------------------------------------------------------------
@@ -235,7 +249,7 @@ class Slots(_Message, tag=111):
 
 
 class Fence(_Message, tag=16):
-    instance_id: str
+    instance_id: Name
 
 
 class Fenced(_Message, tag=112):
@@ -273,29 +287,53 @@ def encode(message: _Message) -> bytes:
 
 
 def decode_request(frame: bytes | memoryview) -> Request:
+    """The request in ``frame``; any bytes that are not one raise ProtocolError, nothing else."""
     try:
         return _request_decoder.decode(frame)
     except msgspec.ValidationError as e:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, _explain_invalid(frame, e)) from None
-    except msgspec.DecodeError as e:
+        # A value outside its bound is a well-formed message with a bad value; anything else
+        # (a wrong type, a missing field) is not a message at all.
+        code = ErrorCode.BAD_REQUEST if _OUT_OF_BOUNDS.match(str(e)) else ErrorCode.BAD_MESSAGE
+        raise ProtocolError(code, _explain_invalid(frame, e)) from None
+    except Exception as e:  # DecodeError, and whatever else a hostile frame may provoke
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"cannot decode message frame: {e}") from None
 
 
+# msgspec's words for a value that breaks a Meta constraint: "Expected `int` <= 1024 - at ..."
+_OUT_OF_BOUNDS = re.compile(r"Expected `\w+` (?:of length )?[<>]=? ")
 _REQUEST_TAGS = {cls.__struct_config__.tag: cls.__name__ for cls in Request.__args__}
 _REPLY_TAGS = {cls.__struct_config__.tag: cls.__name__ for cls in Reply.__args__}
 
 
+_REQUEST_TYPES = {cls.__struct_config__.tag: cls for cls in Request.__args__}
+_AT_FIELD = re.compile(r"^(.*) - at `\$\[(\d+)\](.*)`$")
+
+
+def _name_field(cls: type, error: str) -> str:
+    """msgspec's "... - at `$[3][0]`" as "block_ids[0]: ..." (item 0 of a message is its tag)."""
+    m = _AT_FIELD.match(error)
+    if m is None or not 1 <= int(m[2]) <= len(cls.__struct_fields__):
+        return error
+    return f"{cls.__struct_fields__[int(m[2]) - 1]}{m[3]}: {m[1]}"
+
+
 def _explain_invalid(frame: bytes | memoryview, error: msgspec.ValidationError) -> str:
-    """Says which message id was wrong, when the frame is an array that starts with one."""
+    """Says which message id was wrong, when the frame is an array that starts with one.
+
+    Must be total: it runs on frames the decoder already refused, whose first item may be
+    anything (an array, a map, a huge number).
+    """
     try:
         tag = msgspec.msgpack.decode(frame)[0]
     except Exception:
         return f"not a valid request: {error}"
-    if tag in _REQUEST_TAGS:
-        return f"invalid {_REQUEST_TAGS[tag]} message: {error}"
-    if tag in _REPLY_TAGS:
-        return f"message id {tag} is a reply ({_REPLY_TAGS[tag]}), not a request"
-    return f"unknown message id {tag!r}"
+    if type(tag) is int:
+        if tag in _REQUEST_TAGS:
+            return f"invalid {_REQUEST_TAGS[tag]} message: {_name_field(_REQUEST_TYPES[tag], str(error))}"
+        if tag in _REPLY_TAGS:
+            return f"message id {tag} is a reply ({_REPLY_TAGS[tag]}), not a request"
+        return f"unknown message id {tag}"
+    return f"not a valid request (the message id is a {type(tag).__name__}, not an integer): {error}"
 
 
 def decode_reply(frame: bytes | memoryview) -> Reply:

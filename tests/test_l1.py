@@ -198,3 +198,52 @@ def test_renewed_locks_outlive_the_ttl_and_stale_ones_are_not_renewed(clock: Clo
     assert l1.commit(writing) == 1 and l1.release(reading) == 1
     clock.now += 31
     assert l1.renew(writing + reading) == 0
+
+
+def test_a_held_reservation_outlives_its_lock_until_released(clock: Clock) -> None:
+    """An engine writing by raw offset (lmcache_driven) that overstays the TTL: the key leaves
+    the index, but the slot is never reused until release_held says the engine is done."""
+    l1 = make_l1(clock, slots=4)
+    hs = hashes(2)
+    res = l1.reserve(SCOPE, hs, OBJ, held=True)
+    offsets = {h.obj.offset for h in res.handles}
+    clock.now += 31
+    assert l1.stats()["orphans"] == 2 and l1.stats()["writing"] == 0
+    # Every other slot fills and is evicted over and over: the orphans' slots are never handed out.
+    for round_ in range(3):
+        for i in range(6):
+            new = l1.reserve(SCOPE, hashes(1, start=1000 * (round_ * 10 + i + 1)), OBJ)
+            assert all(h is None or h.obj.offset not in offsets for h in new.handles)
+            l1.commit(new.handles)
+    assert l1.commit(res.handles) == 0  # the late commit publishes nothing ...
+    assert l1.stats()["orphans"] == 2  # ... and frees nothing by itself
+    assert l1.release_held(res.handles) == 2
+    assert l1.release_held(res.handles) == 0  # once only
+    stats = l1.stats()
+    assert (stats["orphans"], stats["used_bytes"]) == (0, stats["objects"] * OBJ)
+    assert look(l1, SCOPE, hs)[0] == 0
+
+
+def test_a_held_reservation_committed_in_time_is_published(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    res = l1.reserve(SCOPE, hashes(2), OBJ, held=True)
+    assert l1.commit(res.handles) == 2
+    assert l1.release_held(res.handles) == 0
+    assert look(l1, SCOPE, hashes(2))[0] == 2
+    clock.now += 100
+    assert l1.stats()["orphans"] == 0 and look(l1, SCOPE, hashes(2))[0] == 2
+
+
+def test_read_locks_are_capped(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    l1.max_read_locks = 5
+    store(l1, hashes(3))
+    assert look(l1, SCOPE, hashes(3), lock=True)[0] == 3
+    count, handles = look(l1, SCOPE, hashes(3), lock=True)
+    assert count == 2  # the cap: only two more locks could be taken
+    assert look(l1, SCOPE, hashes(3), lock=True)[0] == 0
+    assert look(l1, SCOPE, hashes(3))[0] == 3  # a plain lookup still sees them
+    l1.release(handles)
+    assert look(l1, SCOPE, hashes(3), lock=True)[0] == 2
+    clock.now += 31  # expiry gives every lock back
+    assert look(l1, SCOPE, hashes(3), lock=True)[0] == 3

@@ -138,7 +138,7 @@ def _error(raw: zmq.Socket, frames: list[bytes]) -> tuple[bytes, p.Error]:
         ("a reply, not a request", p.encode(p.Pong()), p.ErrorCode.BAD_MESSAGE, "is a reply"),
         ("wrong field types", msgspec.msgpack.encode([1, 5, 6]), p.ErrorCode.BAD_MESSAGE, "invalid Hello"),
         ("a map, not an array", msgspec.msgpack.encode({"type": 2}), p.ErrorCode.BAD_MESSAGE, ""),
-        ("64 MiB frame", b"\x00" * (64 << 20), p.ErrorCode.TOO_LARGE, "limit"),
+        ("12 MiB frame", b"\x00" * (12 << 20), p.ErrorCode.TOO_LARGE, "limit"),
     ],
 )
 def test_garbage_gets_an_error_and_the_server_keeps_serving(
@@ -148,6 +148,36 @@ def test_garbage_gets_an_error_and_the_server_keeps_serving(
     assert request_id == b"rid-1"
     assert error.code == code
     assert text in error.message
+    assert client.ping() == p.Pong()
+
+
+def test_a_frame_over_the_hard_limit_is_refused_before_it_is_buffered(raw: zmq.Socket, client: MPClient) -> None:
+    # libzmq drops the peer at 2 x max_message_bytes (16 MiB) while reading the frame header,
+    # so the 64 MiB never sit in the server; the DEALER reconnects and is served again.
+    raw.send_multipart([b"big", b"\x00" * (64 << 20)])
+    raw.send_multipart([b"after", p.encode(p.Ping())])
+    request_id, body = raw.recv_multipart()
+    assert request_id == b"after", "the oversized frame must get no reply"
+    assert p.decode_reply(body) == p.Pong()
+    assert client.ping() == p.Pong()
+
+
+@pytest.mark.parametrize("count", [3, 4, 1000])
+def test_extra_frames_get_an_envelope_error(raw: zmq.Socket, client: MPClient, count: int) -> None:
+    request_id, error = _error(raw, [b"rid-x", p.encode(p.Ping()), *([b"\x01" * 1024] * (count - 2))])
+    assert request_id == b"rid-x"
+    assert error.code == p.ErrorCode.BAD_ENVELOPE
+    assert f"got {count} frame(s)" in error.message
+    assert client.ping() == p.Pong()
+
+
+@pytest.mark.parametrize("message", [b"\x91\x91\x02", b"\x91\x80", b"\x92\x91\x01\xa1x", b"\x91\xcf" + b"\xff" * 8])
+def test_a_message_id_that_is_not_an_integer_is_refused(raw: zmq.Socket, client: MPClient, message: bytes) -> None:
+    # Regression: [[2]] (an array whose first item is an array) killed the loop thread.
+    for _ in range(3):
+        request_id, error = _error(raw, [b"rid-t", message])
+        assert request_id == b"rid-t"
+        assert error.code == p.ErrorCode.BAD_MESSAGE
     assert client.ping() == p.Pong()
 
 
@@ -189,3 +219,36 @@ def test_a_reply_that_arrived_before_anyone_waited_is_not_lost(client: MPClient)
     while time.monotonic() < deadline:  # let the deadline pass without reading the socket
         pass
     assert future.result() == p.Pong()
+
+
+def test_a_dead_loop_makes_the_server_unhealthy_and_stop(tmp_path) -> None:
+    """Whatever kills the loop thread, /healthcheck must not go on answering healthy: the engine
+    turns unhealthy at once and the process stops with status 1 (so a supervisor restarts it).
+    In-process, with the loop's own socket torn down under it."""
+    from lmcache.config import ServerConfig
+    from lmcache.server.app import _Failure
+    from lmcache.server.engine import CacheEngine
+    from lmcache.server.metrics import ServerMetrics
+    from lmcache.server.zmq_loop import ZmqServer
+
+    config = ServerConfig(l1_size_gb=0.01, host="127.0.0.1", port=free_port(), http_port=free_port(), l1_shm=False)
+    engine = CacheEngine(config)
+    failure = _Failure()
+    server = ZmqServer(config, engine, ServerMetrics(engine), on_failure=lambda r: failure.report(engine, r))
+    try:
+        server.start()
+        engine.start()
+        with MPClient("127.0.0.1", config.port) as c:
+            assert c.ping() == p.Pong()
+        assert engine.health() == (True, "ready")
+        server._router.close(linger=0)  # the loop's poll now fails
+        deadline = time.monotonic() + 10
+        while engine.health()[0]:
+            assert time.monotonic() < deadline, "the engine still says healthy"
+            time.sleep(0.01)
+        healthy, reason = engine.health()
+        assert "ZMQ loop died" in reason
+        assert failure.reason == reason
+    finally:
+        server.stop()
+        engine.close()

@@ -2,7 +2,9 @@
 
 Both ports are bound before anything is announced, so a busy port is one clear error at start.
 SIGINT and SIGTERM stop the HTTP server, then the ZMQ loop, then the engine, and the process
-exits 0.
+exits 0. If the ZMQ loop ever dies, /healthcheck answers 503 at once and the process stops and
+exits 1, so a supervisor (systemd, a Kubernetes probe) restarts it instead of keeping a server
+that answers health checks but no engine.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def run_server(config: ServerConfig) -> int:
         logger.error("%s", e)
         return 2
     metrics = ServerMetrics(engine)
+    failure = _Failure()
     try:
-        zmq_server = ZmqServer(config, engine, metrics)
+        zmq_server = ZmqServer(config, engine, metrics, on_failure=lambda reason: failure.report(engine, reason))
     except OSError as e:
         logger.error("%s", e)
         engine.close()
@@ -58,13 +61,31 @@ def run_server(config: ServerConfig) -> int:
         engine.close()
         return 1
     try:
-        asyncio.run(_serve(config, engine, metrics, zmq_server, http_sock))
+        asyncio.run(_serve(config, engine, metrics, zmq_server, http_sock, failure))
     finally:
         zmq_server.stop()
         http_sock.close()
         engine.close()
+    if failure.reason:
+        logger.error("LMCache server stopped: %s", failure.reason)
+        return 1
     logger.info("LMCache server stopped")
     return 0
+
+
+class _Failure:
+    """What stops the server from inside: set once, from any thread."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self._stop: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    def report(self, engine: CacheEngine, reason: str) -> None:
+        self.reason = self.reason or reason
+        engine.fail(reason)  # /healthcheck says so from now on
+        if self._stop is not None:
+            loop, stop = self._stop
+            loop.call_soon_threadsafe(stop.set)
 
 
 async def _serve(
@@ -73,9 +94,11 @@ async def _serve(
     metrics: ServerMetrics,
     zmq_server: ZmqServer,
     http_sock: socket.socket,
+    failure: _Failure,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    failure._stop = (loop, stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 

@@ -33,8 +33,9 @@ from lmcache.storage.memory import check_fits
 from lmcache.transfer import cuda_ipc
 from lmcache.transfer.gpu_cache import GpuCache
 from lmcache.transfer.layouts import LayoutError, PageLayout
+from lmcache.transfer.liveness import LivenessWatch
 from lmcache.transfer.registered import RegisteredCache
-from lmcache.transfer.shm import SegmentError, arena_name, map_segment, remove_stale_arenas
+from lmcache.transfer.shm import SegmentError, arena_name, map_segment, remove_orphan_files, remove_stale_arenas
 
 logger = init_logger(__name__)
 
@@ -44,6 +45,7 @@ class EngineState(str, enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    FAILED = "failed"
 
 
 class RequestError(ValueError):
@@ -62,6 +64,7 @@ class _Registration:
     object_bytes: int
     cache: RegisteredCache | GpuCache | None  # engine_driven, cuda_ipc: the server copies pages
     segments: list[str]
+    watch: LivenessWatch | None = None  # lmcache_driven: says when the engine's process is gone
     last_seen: float = field(default_factory=time.monotonic)  # its latest store, retrieve or fence
 
     @property
@@ -105,6 +108,8 @@ class _Session:
 class CacheEngine:
     # How often idle sessions (all locks expired) are forgotten.
     SESSION_SWEEP_S = 1.0
+    # Longest pause between housekeeping rounds (see _reap_until_stopped).
+    HOUSEKEEPING_S = 5.0
 
     def __init__(self, config: ServerConfig, pool: MemoryPool | None = None, gpu_runtime: Any = None) -> None:
         """``gpu_runtime(device_uuid, arena)`` makes the CUDA runtime of a device (by default
@@ -115,9 +120,11 @@ class CacheEngine:
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._state = EngineState.STARTING
+        self._failure = ""
         if pool is None:
             check_fits(config.l1_size_bytes, f"--l1-size-gb {config.l1_size_gb:g}", shm=config.l1_shm)
             shm_name = None
+            remove_orphan_files()
             if config.l1_shm:
                 remove_stale_arenas()
                 shm_name = arena_name()
@@ -158,7 +165,8 @@ class CacheEngine:
         """Releases everything the engine holds (the pool's memory included); idempotent."""
         self._stopping.set()
         with self._lock:
-            self._state = EngineState.STOPPED
+            if self._state is not EngineState.FAILED:
+                self._state = EngineState.STOPPED
             registrations = list(self._engines.values())
             self._engines.clear()
             self._sessions.clear()
@@ -175,11 +183,20 @@ class CacheEngine:
         del self._arena
         self.l1.pool.close()
 
+    def fail(self, reason: str) -> None:
+        """A part the engine depends on (the ZMQ loop) died: unhealthy from now on."""
+        with self._lock:
+            self._state = EngineState.FAILED
+            self._failure = reason
+        self._stopping.set()
+
     def health(self) -> tuple[bool, str]:
         """(healthy, reason): what /healthcheck reports."""
         state = self._state
         if state is EngineState.READY:
             return True, "ready"
+        if state is EngineState.FAILED:
+            return False, self._failure
         return False, f"engine is {state.value}"
 
     # --- lookups and locks --------------------------------------------------------------------
@@ -262,7 +279,7 @@ class CacheEngine:
 
     def register_kv_cache(
         self, instance_id: str, model: str, world_size: int, rank: int, layout: PageLayout, segments: Sequence[str],
-        mode: str, cuda: Sequence[cuda_ipc.CudaIpcStorage] = (),
+        mode: str, cuda: Sequence[cuda_ipc.CudaIpcStorage] = (), liveness: str = "",
     ) -> _Registration:
         """Registers an engine's KV cache; replaces an earlier registration of the same instance
         (an engine that restarted). In engine_driven mode the server maps the engine's storage
@@ -284,7 +301,12 @@ class CacheEngine:
                     f"{self.l1.pool.slab_bytes} bytes; use a smaller --chunk-size or a larger --l1-size-gb"
                 )
             cache: RegisteredCache | GpuCache | None = None
-            if mode == "engine_driven":
+            watch = None
+            if mode == "lmcache_driven":
+                if not liveness:
+                    raise ValueError("an lmcache_driven engine must name its liveness mark (a client too old?)")
+                watch = LivenessWatch(liveness)
+            elif mode == "engine_driven":
                 if len(segments) != len(layout.storage_bytes):
                     raise LayoutError(
                         f"the layout has {len(layout.storage_bytes)} storages but {len(segments)} segments were named"
@@ -296,7 +318,8 @@ class CacheEngine:
         except (LayoutError, SegmentError, ValueError) as e:
             raise RequestError(f"cannot register KV cache of {instance_id}: {e}") from None
         registration = _Registration(
-            instance_id, model, world_size, rank, layout, mode, blocks_per_chunk, object_bytes, cache, list(segments)
+            instance_id, model, world_size, rank, layout, mode, blocks_per_chunk, object_bytes, cache, list(segments),
+            watch,
         )
         with self._lock:
             replaced = self._engines.get(instance_id)
@@ -490,11 +513,16 @@ class CacheEngine:
         return [reg.instance_id for reg in reaped]
 
     def _reap_until_stopped(self) -> None:
-        while not self._stopping.wait(min(self.config.engine_ttl_s / 4, 30.0)):
-            try:
-                self.reap_idle_engines()
-            except Exception:  # noqa: BLE001 - the reaper must outlive one bad close
-                logger.exception("While dropping idle registrations")
+        """Housekeeping that must happen without traffic too: idle registrations, expired
+        sessions and tickets (a dead engine's orphaned slots), files dead engines left in
+        /dev/shm."""
+        period = min(self.config.engine_ttl_s / 4, self.config.lock_ttl_s / 2, self.HOUSEKEEPING_S)
+        while not self._stopping.wait(period):
+            for job in (self.reap_idle_engines, lambda: self._sweep_sessions(force=True), remove_orphan_files):
+                try:
+                    job()
+                except Exception:  # noqa: BLE001 - housekeeping must outlive one bad step
+                    logger.exception("During housekeeping")
 
     @staticmethod
     def _blocks(reg: _Registration, n_chunks: int, block_ids: Sequence[int]) -> np.ndarray:
@@ -502,15 +530,21 @@ class CacheEngine:
             raise RequestError(f"{reg.instance_id} registered in {reg.mode} mode: it copies its own pages")
         try:
             return reg.cache.check_blocks(n_chunks, block_ids)
-        except ValueError as e:
+        except (ValueError, OverflowError, TypeError) as e:
             raise RequestError(str(e)) from None
 
     # --- lmcache_driven: the engine copies, between a prepare and a commit/finish -------------
 
     def prepare_store(self, instance_id: str, hashes: bytes, salt: str = "") -> tuple[int, list[int], int, int]:
-        """Reserves slots for the chunks not cached yet: (ticket, offsets (-1: none), present, skipped)."""
+        """Reserves slots for the chunks not cached yet: (ticket, offsets (-1: none), present, skipped).
+
+        The engine writes the slots itself, by raw offset: they stay its own until its commit
+        or its death (never only a timeout; see storage/l1.py on held reservations).
+        """
         reg = self._registration(instance_id)
-        res = self.begin_store(reg.scope(salt), hashes, reg.object_bytes)
+        if reg.watch is None:
+            raise RequestError(f"{instance_id} registered in {reg.mode} mode: the server copies its pages")
+        res = self.begin_store(reg.scope(salt), hashes, reg.object_bytes, held=True)
         offsets = [h.obj.offset if h is not None else -1 for h in res.handles]
         return self._ticket(_Ticket("store", reg, res.handles)), offsets, res.present, res.skipped
 
@@ -519,15 +553,23 @@ class CacheEngine:
         t = self._take_ticket(ticket, "store")
         if len(ok) != len(t.handles):
             self.l1.commit(t.handles, False)
+            self.l1.release_held(t.handles)
             raise RequestError(f"ticket {ticket} has {len(t.handles)} chunks, {len(ok)} results were sent")
         stored = self.l1.commit(t.handles, [bool(x) for x in ok])
+        self.l1.release_held(t.handles)  # the engine is done with them: orphans may go
         if stored:
             logger.info("Stored %d tokens in %.3f seconds", stored * self.config.chunk_size, time.perf_counter() - t.start)
         return stored, 0, 0
 
     def prepare_retrieve(self, instance_id: str, hashes: bytes, salt: str = "") -> tuple[int, list[int]]:
-        """Read-locks the leading cached chunks: (ticket, their offsets in the arena)."""
+        """Read-locks the leading cached chunks: (ticket, their offsets in the arena).
+
+        The engine's copy is good only if FinishRetrieve then releases every one of these locks:
+        a lock that expired meanwhile (a paused engine) may have let the slot be reused.
+        """
         reg = self._registration(instance_id)
+        if reg.watch is None:
+            raise RequestError(f"{instance_id} registered in {reg.mode} mode: the server copies its pages")
         handles = self.begin_retrieve(reg.scope(salt), hashes)
         leading = next((i for i, h in enumerate(handles) if h is None), len(handles))
         self.l1.release(handles[leading:])
@@ -559,12 +601,12 @@ class CacheEngine:
 
     # --- the brackets every store and retrieve goes through; bytes are copied in between ----------
 
-    def begin_store(self, scope: CacheScope, hashes: bytes, nbytes: int) -> Reservation:
+    def begin_store(self, scope: CacheScope, hashes: bytes, nbytes: int, held: bool = False) -> Reservation:
         _check_scope(scope)
         if nbytes <= 0:
             raise RequestError(f"object size must be positive (got {nbytes})")
         try:
-            return self.l1.reserve(scope, self._split(hashes), nbytes)
+            return self.l1.reserve(scope, self._split(hashes), nbytes, held)
         except ValueError as e:  # e.g. an object larger than a slab
             raise RequestError(str(e)) from None
 
@@ -593,6 +635,7 @@ class CacheEngine:
         """A JSON-able snapshot for /status, the Status message and /metrics."""
         pool = self.l1.pool.stats()
         l1 = self.l1.stats()
+        now = time.monotonic()
         with self._lock:
             return {
                 "server": {
@@ -615,7 +658,8 @@ class CacheEngine:
                     **{k: v for k, v in l1.items() if k != "used_bytes"},
                 },
                 "engines": [e.describe() for e in self._engines.values()],
-                "sessions": {"active": len(self._sessions)},
+                "sessions": {"active": sum(s.deadline > now for s in self._sessions.values())},
+                "tickets": {"open": len(self._tickets)},
                 "config": self.config.as_dict(),
             }
 
@@ -626,18 +670,30 @@ class CacheEngine:
         _check_hashes(hashes)
         return split_hashes(hashes)
 
-    def _sweep_sessions(self) -> None:
+    def _sweep_sessions(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now < self._next_sweep:
+        if now < self._next_sweep and not force:
             return
         with self._lock:
             self._next_sweep = now + self.SESSION_SWEEP_S
             for name in [n for n, s in self._sessions.items() if s.deadline <= now]:
                 del self._sessions[name]
-            # A ticket outlives its locks only if its engine died: its locks expired already.
+            # Past its lock TTL, a ticket's locks have expired. A retrieve ticket goes: a late
+            # FinishRetrieve finds it unknown, and the engine's load counts as failed. A store
+            # ticket stays while its engine lives: the slots it was handed are orphans that
+            # only its commit, or its death, gives back.
             stale = now - self.config.lock_ttl_s
-            for number in [n for n, t in self._tickets.items() if t.created <= stale]:
-                del self._tickets[number]
+            old = [(n, t) for n, t in self._tickets.items() if t.created <= stale]
+        gone = []
+        for number, ticket in old:
+            watch = ticket.registration.watch
+            if ticket.kind == "retrieve" or watch is None or not watch.alive():
+                gone.append(number)
+        with self._lock:
+            dropped = [t for n in gone if (t := self._tickets.pop(n, None)) is not None]
+        for ticket in dropped:
+            if ticket.kind == "store":
+                self.l1.release_held(ticket.handles)
 
 
 def _check_hashes(hashes: bytes) -> None:

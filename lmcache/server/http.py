@@ -1,4 +1,8 @@
-"""The HTTP admin face (Sanic): health, status, metrics and clearing, over the same CacheEngine."""
+"""The HTTP admin face (Sanic): health, status, metrics and clearing, over the same CacheEngine.
+
+With ``--admin-token`` set, every request that may change state (any method but GET, HEAD and
+OPTIONS) must carry ``Authorization: Bearer <token>``; reads stay open for probes and scrapers.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json, raw
 
+from lmcache.security import bearer_matches
 from lmcache.server.engine import CacheEngine
 from lmcache.server.metrics import ServerMetrics
 
@@ -20,6 +25,27 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
     count = metrics.http_requests
+    token = engine.config.admin_token
+
+    if token:
+
+        @app.on_request
+        async def require_token(request: Request) -> HTTPResponse | None:
+            # Checked by method rather than per route, so a new POST route cannot forget it. Sanic
+            # also runs this for paths and methods it has no route for: unauthenticated writers
+            # get 401 there too, and learn nothing about which routes exist.
+            if request.method in ("GET", "HEAD", "OPTIONS"):
+                return None
+            if bearer_matches(request.headers.get("authorization"), token):
+                return None
+            # Unmatched paths share one label, so scanners cannot grow the metrics without bound.
+            count.labels(route=request.path if request.route else "other", status="401").inc()
+            return json(
+                {"status": "error", "error": "this route needs 'Authorization: Bearer <admin token>' "
+                 "(the server's --admin-token)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="lmcache"'},
+            )
 
     @app.get("/healthcheck")
     async def healthcheck(_: Request) -> HTTPResponse:

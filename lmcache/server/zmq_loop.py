@@ -18,19 +18,26 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from lmcache import __version__
 from lmcache import protocol as p
 from lmcache.config import ServerConfig
 from lmcache.log import init_logger
+from lmcache.security import KeyFileError, is_loopback, load_keypair
 from lmcache.server.engine import CacheEngine, RequestError
 from lmcache.server.metrics import ServerMetrics
 
 logger = init_logger(__name__)
 
-# Frames above this are refused by libzmq itself (the peer is disconnected) before they are
-# buffered; frames between config.max_message_bytes and this get a polite Error reply.
-HARD_FRAME_LIMIT = 256 << 20
+# A message is [identity, request id, message frame]; see _receive.
+_KEPT_FRAMES = 3
+
+
+def hard_frame_limit(config: ServerConfig) -> int:
+    """Frames above this are refused by libzmq itself (the peer is disconnected) before they are
+    buffered; frames between ``config.max_message_bytes`` and this get a polite Error reply."""
+    return 2 * config.max_message_bytes
 
 
 class PortInUseError(OSError):
@@ -41,8 +48,13 @@ class PortInUseError(OSError):
 class ZmqServer:
     """Binds on construction (so a busy port fails early), serves on ``start()``."""
 
-    def __init__(self, config: ServerConfig, engine: CacheEngine, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, config: ServerConfig, engine: CacheEngine, metrics: ServerMetrics,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_failure(reason)`` is called (on the loop thread) if the loop ever dies."""
         self._config = config
+        self._on_failure = on_failure or (lambda reason: None)
         self._engine = engine
         self._metrics = metrics
         self._handlers: dict[type, Callable[[p.Request], p.Reply]] = {
@@ -81,10 +93,31 @@ class ZmqServer:
         self._request_counters = {
             cls: metrics.zmq_requests.labels(message=cls.__name__) for cls in self._handlers
         }
+        # Read again here (ServerConfig only checked it) so that no config object holds a secret key.
+        try:
+            curve_keys = load_keypair(config.curve_secret_key) if config.curve_secret_key else None
+        except KeyFileError as e:
+            raise OSError(f"--curve-secret-key: {e}") from None
+        self._authenticator: ThreadAuthenticator | None = None
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+        self._router.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(config))
+        if curve_keys is not None:
+            # Before bind: the mechanism of every connection is fixed when it is accepted.
+            self._router.curve_publickey, self._router.curve_secretkey = curve_keys
+            self._router.curve_server = True
+            if config.curve_authorized_keys:
+                # Also before bind: with no ZAP handler on the context, libzmq lets any CURVE client in.
+                self._authenticator = ThreadAuthenticator(self._ctx, log=init_logger("lmcache.server.zap"))
+                self._authenticator.start()
+                self._authenticator.configure_curve(domain="*", location=config.curve_authorized_keys)
+        elif not is_loopback(config.host):
+            logger.warning(
+                "The ZMQ port %s is unauthenticated and unencrypted: anyone who can reach it can read, "
+                "store and clear the cache. Use --curve-secret-key (see the Security section of the README)",
+                config.endpoint,
+            )
         try:
             self._router.bind(config.endpoint)
         except zmq.ZMQError as e:
@@ -125,11 +158,21 @@ class ZmqServer:
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)
+        if self._authenticator is not None:  # its ZAP socket lives in our context: term() would wait on it
+            self._authenticator.stop()
+            self._authenticator = None
         self._ctx.term()
 
     # --- the loop -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - reported, then the process stops
+            logger.critical("The ZMQ loop died (%s: %s); the server stops", type(e).__name__, e, exc_info=True)
+            self._on_failure(f"the ZMQ loop died: {type(e).__name__}: {e}")
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
@@ -144,12 +187,32 @@ class ZmqServer:
                     self._send_finished()
                     continue
                 # One message per poll: asking ZMQ whether more are queued costs more than polling.
-                frames = router.recv_multipart(zmq.NOBLOCK)  # copies: faster than Frames when small
-                request_id, request = self._decode(frames)
-                if type(request) in self._slow:
-                    self._dispatch(frames[0], request_id, request)
-                else:
-                    self._send(frames[0], request_id, self._call(request))
+                frames, count = self._receive(router)
+                try:
+                    request_id, request = self._decode(frames, count)
+                    if type(request) in self._slow:
+                        self._dispatch(frames[0], request_id, request)
+                    else:
+                        self._send(frames[0], request_id, self._call(request))
+                except Exception as e:  # noqa: BLE001 - no message may take the loop down
+                    logger.exception("Unexpected error while serving a message; serving on")
+                    self._send(frames[0], frames[1] if len(frames) > 1 else b"",
+                               p.Error(p.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
+
+    @staticmethod
+    def _receive(router: zmq.Socket) -> tuple[list[bytes], int]:
+        """One message, frame by frame: (``[identity, request id, message]``, how many frames
+        came). Frames past those three are read and dropped one at a time (the protocol has
+        none), so however many a peer sends, this thread holds at most three."""
+        frames = [router.recv(zmq.NOBLOCK)]  # copies: faster than Frames when small
+        count = 1
+        while router.get(zmq.RCVMORE):
+            count += 1
+            if count <= _KEPT_FRAMES:
+                frames.append(router.recv())
+            else:
+                router.recv(copy=False)
+        return frames, count
 
     def _send(self, identity: bytes, request_id: bytes, reply: p.Reply) -> None:
         try:
@@ -186,15 +249,16 @@ class ZmqServer:
             except zmq.ZMQError:
                 pass  # stopping: the loop is gone and the reply with it
 
-    def _decode(self, frames: list[bytes]) -> tuple[bytes, p.Request | p.Error]:
+    def _decode(self, frames: list[bytes], count: int) -> tuple[bytes, p.Request | p.Error]:
         """(request id, request) of one ROUTER message ``[identity, request id, message, *bulk]``;
         the request is an Error when the message cannot be accepted."""
         request_id = b""
         try:
-            if len(frames) < 3:
+            if count > _KEPT_FRAMES and len(frames[1]) <= p.MAX_REQUEST_ID_BYTES:
+                request_id = frames[1]  # the envelope is wrong, but whose request it was is known
+            if count != _KEPT_FRAMES:
                 raise p.ProtocolError(
-                    p.ErrorCode.BAD_ENVELOPE,
-                    f"expected [request id, message] frames, got {len(frames) - 1} frame(s)",
+                    p.ErrorCode.BAD_ENVELOPE, f"expected [request id, message] frames, got {count - 1} frame(s)"
                 )
             if len(frames[1]) > p.MAX_REQUEST_ID_BYTES:
                 raise p.ProtocolError(
@@ -202,7 +266,7 @@ class ZmqServer:
                     f"request id is {len(frames[1])} bytes; the limit is {p.MAX_REQUEST_ID_BYTES}",
                 )
             request_id = frames[1]
-            size = len(frames[2]) if len(frames) == 3 else sum(map(len, frames[2:]))
+            size = len(frames[2])
             if size > self._config.max_message_bytes:
                 raise p.ProtocolError(
                     p.ErrorCode.TOO_LARGE,
@@ -233,7 +297,7 @@ class ZmqServer:
 
     def _register(self, r: p.RegisterKVCache) -> p.Registered:
         reg = self._engine.register_kv_cache(
-            r.instance_id, r.model, r.world_size, r.rank, r.layout, r.segments, r.mode, r.cuda
+            r.instance_id, r.model, r.world_size, r.rank, r.layout, r.segments, r.mode, r.cuda, r.liveness
         )
         pool = self._engine.l1.pool
         arena = (pool.shm_name, pool.size) if reg.mode == "lmcache_driven" else ("", 0)

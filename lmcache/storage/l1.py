@@ -12,6 +12,11 @@ An object's life::
 - Every lock (write or read) expires after ``lock_ttl_s``: a client that dies cannot pin
   memory. A lock is held through a ``LockHandle``; a handle from before an expiry is stale,
   and releasing it does nothing.
+- A *held* reservation is one whose slot an engine writes into itself, by raw offset
+  (lmcache_driven). Its write lock expires like any other (the chunk leaves the index, and a
+  later store may reserve the key again), but its memory is kept, as an *orphan*, until
+  ``release_held`` says the engine is done with it or gone: an engine that is only paused must
+  never write into a slot that meanwhile holds someone else's chunk.
 - ``clear()`` drops every object at once. Objects that are being copied (WRITING, or READY
   with readers) leave the index immediately but keep their memory until the copy ends
   (commit, release or TTL), so a slot is never reused under a running copy.
@@ -39,6 +44,7 @@ from lmcache.storage.eviction import Policy
 class State(enum.Enum):
     WRITING = "writing"
     READY = "ready"
+    ORPHANED = "orphaned"  # a held reservation whose write lock expired: out of the index
 
 
 @dataclass(eq=False, slots=True)
@@ -52,6 +58,7 @@ class L1Object:
     epoch: int = 0  # bumped whenever outstanding locks stop counting (expiry, free)
     deadline: float = 0.0  # when the current locks expire
     detached: bool = False  # out of the index (cleared) but its memory is still under a copy
+    held: bool = False  # an engine writes into it by raw offset: freed only by release_held
 
 
 class LockHandle(NamedTuple):
@@ -76,9 +83,15 @@ class L1Counters:
     skipped_stores: int = 0
     expired_locks: int = 0
     failed_writes: int = 0
+    orphaned: int = 0  # held reservations whose write lock expired before their engine was done
 
 
 class L1Cache:
+    # Read locks held at once, over all objects and sessions. Each costs memory for up to a lock
+    # TTL, so a flood of locking lookups must not grow without bound; past it a lookup counts
+    # only what it could lock (a miss, never a wrong answer).
+    max_read_locks = 1 << 19
+
     def __init__(
         self,
         pool: MemoryPool,
@@ -96,18 +109,21 @@ class L1Cache:
         # the slot it needs. Other sizes are evicted only to free whole slabs.
         self._policies: dict[int, Policy] = {}
         self._expiries: list[tuple[float, int, LockHandle]] = []
+        self._orphans: dict[L1Object, None] = {}  # held reservations whose lock expired
         self._seq = itertools.count()
         # Figures kept as they change, so /status and /metrics never walk the index.
         self._ready = 0  # READY objects in the index
         self._writing = 0  # WRITING objects, detached ones included
         self._read_locked = 0  # READY objects with readers, detached ones included
         self._used_bytes = 0  # object bytes held, detached objects included
+        self._read_locks = 0  # read locks held, over all objects: at most max_read_locks
         self.counters = L1Counters()
 
     # --- stores ---------------------------------------------------------------------------
 
-    def reserve(self, scope: CacheScope, hashes: Sequence[bytes], nbytes: int) -> Reservation:
-        """Write-locks a new WRITING object of ``nbytes`` for every hash not yet present."""
+    def reserve(self, scope: CacheScope, hashes: Sequence[bytes], nbytes: int, held: bool = False) -> Reservation:
+        """Write-locks a new WRITING object of ``nbytes`` for every hash not yet present (``held``:
+        an engine copies into it by raw offset; see the module's docstring)."""
         handles: list[LockHandle | None] = []
         present = skipped = 0
         with self._lock:
@@ -123,7 +139,7 @@ class L1Cache:
                     skipped += 1
                     handles.append(None)
                     continue
-                obj = L1Object(scope, h, offset, nbytes, State.WRITING)
+                obj = L1Object(scope, h, offset, nbytes, State.WRITING, held=held)
                 table[h] = obj
                 self._writing += 1
                 self._used_bytes += nbytes
@@ -178,6 +194,8 @@ class L1Cache:
                     if obj is None or obj.state is not ready:
                         break
                     append(obj)
+            if lock and self._read_locks + len(found) > self.max_read_locks:
+                del found[max(0, self.max_read_locks - self._read_locks) :]  # the rest counts as a miss
             count = len(found)
             self.counters.hits += count
             self.counters.misses += len(hashes) // HASH_BYTES - count
@@ -192,7 +210,8 @@ class L1Cache:
             table = self._index.get(scope, {})
             for h in hashes:
                 obj = table.get(h)
-                out.append(self._take_lock(obj, now) if obj is not None and obj.state is State.READY else None)
+                usable = obj is not None and obj.state is State.READY and self._read_locks < self.max_read_locks
+                out.append(self._take_lock(obj, now) if usable else None)
         return out
 
     def release(self, handles: Sequence[LockHandle | None]) -> int:
@@ -206,11 +225,24 @@ class L1Cache:
                 if obj.state is not State.READY or obj.readers == 0:
                     continue
                 obj.readers -= 1
+                self._read_locks -= 1
                 released += 1
                 if obj.readers == 0:
                     self._unlocked(obj)
             self._expire()
         return released
+
+    def release_held(self, handles: Sequence[LockHandle | None]) -> int:
+        """The engine that was handed these reservations is done with them (it committed, or it
+        is gone): frees those that were orphaned. Returns how many."""
+        freed = 0
+        with self._lock:
+            for handle in handles:
+                if handle is not None and handle.obj in self._orphans:
+                    del self._orphans[handle.obj]
+                    self._free(handle.obj)
+                    freed += 1
+        return freed
 
     def renew(self, handles: Sequence[LockHandle | None]) -> int:
         """Pushes the expiry of still-valid locks a TTL further (locks under a GPU copy that
@@ -268,6 +300,7 @@ class L1Cache:
                 "writing": self._writing,
                 "read_locked": self._read_locked,
                 "used_bytes": self._used_bytes,
+                "orphans": len(self._orphans),
                 **vars(self.counters),
             }
 
@@ -286,6 +319,7 @@ class L1Cache:
                 self._policy(obj).remove(obj)
                 self._read_locked += 1
             obj.readers += 1
+            self._read_locks += 1
         obj.deadline = max(obj.deadline, now + self._ttl)
         handle = LockHandle(obj, obj.epoch)
         heapq.heappush(self._expiries, (obj.deadline, next(self._seq), handle))
@@ -300,9 +334,13 @@ class L1Cache:
                 continue  # released already, or re-locked later
             if obj.state is State.WRITING:
                 self.counters.expired_locks += 1
-                self._drop(obj)
+                if obj.held:
+                    self._orphan(obj)
+                else:
+                    self._drop(obj)
             elif obj.readers:
                 self.counters.expired_locks += obj.readers
+                self._read_locks -= obj.readers
                 obj.readers = 0
                 self._unlocked(obj)
         return now
@@ -338,6 +376,19 @@ class L1Cache:
         self._ready -= 1
         self._free(obj)
         self.counters.evictions += 1
+
+    def _orphan(self, obj: L1Object) -> None:
+        """Out of the index, its memory kept until release_held: an engine may still write it."""
+        if not obj.detached:
+            table = self._index.get(obj.scope)
+            if table is not None and table.get(obj.chunk_hash) is obj:
+                del table[obj.chunk_hash]
+            obj.detached = True
+        obj.epoch += 1  # the engine's commit no longer publishes it
+        obj.state = State.ORPHANED
+        self._writing -= 1
+        self._orphans[obj] = None
+        self.counters.orphaned += 1
 
     def _drop(self, obj: L1Object) -> None:
         """Removes an object from the index (if still there) and frees it."""

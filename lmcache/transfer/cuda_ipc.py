@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -29,10 +29,10 @@ class IpcError(ValueError):
 
 
 class CudaIpcStorage(msgspec.Struct, array_like=True, frozen=True):
-    device_uuid: str  # 32 lowercase hex digits
-    handle: bytes  # the IPC memory handle of the allocation holding the storage
-    offset: int  # bytes from the start of that allocation to the storage
-    nbytes: int  # the storage's size
+    device_uuid: Annotated[str, msgspec.Meta(max_length=64)]  # 32 lowercase hex digits
+    handle: Annotated[bytes, msgspec.Meta(max_length=256)]  # the IPC memory handle of the allocation holding the storage
+    offset: Annotated[int, msgspec.Meta(ge=0, le=1 << 48)]  # bytes from the start of that allocation to the storage
+    nbytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 48)]  # the storage's size
 
 
 def normalize_uuid(value: Any) -> str:

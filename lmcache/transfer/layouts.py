@@ -25,7 +25,7 @@ loaded into pages of the same format.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -43,28 +43,36 @@ DTYPE_BYTES = {
 }
 
 
+# Bounds a layout from the wire is held to while it is decoded, before anything is sized by it.
+MAX_LAYERS = 4096
+MAX_BLOCKS = (1 << 31) - 1
+MAX_STORAGE_BYTES = 1 << 48
+_Bytes = Annotated[int, msgspec.Meta(ge=-MAX_STORAGE_BYTES, le=MAX_STORAGE_BYTES)]
+_Small = Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
+
+
 class LayoutError(ValueError):
     """A KV cache the descriptor cannot describe; the message names the problem."""
 
 
 class LayerPages(msgspec.Struct, array_like=True, frozen=True):
-    storage: int  # index into PageLayout.storage_bytes
-    offset: int  # bytes from the storage start to the page of block 0, part 0
-    block_stride: int  # bytes between the pages of consecutive blocks
-    part_stride: int  # bytes between the K and V pages of a block (0 when a block is one page)
+    storage: Annotated[int, msgspec.Meta(ge=0, lt=MAX_LAYERS)]  # index into PageLayout.storage_bytes
+    offset: _Bytes  # bytes from the storage start to the page of block 0, part 0
+    block_stride: _Bytes  # bytes between the pages of consecutive blocks
+    part_stride: _Bytes  # bytes between the K and V pages of a block (0 when a block is one page)
 
 
 class PageLayout(msgspec.Struct, array_like=True, frozen=True):
-    num_blocks: int
-    block_size: int  # tokens per block
-    parts: int  # pages per block and layer: 1, or 2 (K page + V page)
-    page_bytes: int
-    dtype: str
-    kv_heads: int
-    head_size: int  # the page's last dim: head size, 2 x head size (CPU K|V), or MLA's 576
-    inner: str  # order of the dims inside a page, outermost first, e.g. "NHC", "HNC", "KNHC"
-    storage_bytes: list[int]
-    layers: list[LayerPages]
+    num_blocks: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCKS)]
+    block_size: _Small  # tokens per block
+    parts: Annotated[int, msgspec.Meta(ge=1, le=2)]  # pages per block and layer: 1, or 2 (K page + V page)
+    page_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 32)]
+    dtype: Annotated[str, msgspec.Meta(max_length=32)]
+    kv_heads: _Small
+    head_size: _Small  # the page's last dim: head size, 2 x head size (CPU K|V), or MLA's 576
+    inner: Annotated[str, msgspec.Meta(max_length=8)]  # order of the dims inside a page, outermost first, e.g. "NHC"
+    storage_bytes: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=MAX_STORAGE_BYTES)]], msgspec.Meta(max_length=MAX_LAYERS)]
+    layers: Annotated[list[LayerPages], msgspec.Meta(max_length=MAX_LAYERS)]
 
     @property
     def num_layers(self) -> int:
@@ -92,6 +100,8 @@ class PageLayout(msgspec.Struct, array_like=True, frozen=True):
         """Every page of every block lies inside its storage; raises LayoutError otherwise."""
         if self.num_blocks < 1 or self.page_bytes < 1 or not self.layers:
             raise LayoutError("a KV cache needs at least one layer, one block and a non-empty page")
+        if self.block_size < 1 or self.kv_heads < 1 or self.head_size < 1:
+            raise LayoutError("block size, heads and head size must be positive")
         if self.dtype not in DTYPE_BYTES:
             raise LayoutError(f"unsupported dtype {self.dtype!r} (supported: {', '.join(DTYPE_BYTES)})")
         if self.parts not in (1, 2):

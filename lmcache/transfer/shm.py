@@ -2,16 +2,26 @@
 segments, the server side maps them by name.
 
 Lifetime: a segment's name only has to live until the server has mapped it. The engine unlinks
-it as soon as registration is answered (or fails), so no segment outlives a crash of either
-process; both mappings stay valid after the unlink. A new registration (after a server restart)
-migrates the tensors again into a fresh segment.
+it as soon as registration is answered (or fails); both mappings stay valid after the unlink. A
+new registration (after a server restart) migrates the tensors again into a fresh segment.
+An engine that dies before it unlinks (killed during registration) must not leave its KV in
+/dev/shm: it holds an flock on every file it creates there for as long as the name exists, and
+the server removes ``lmcache_kv_*`` and ``lmcache_live_*`` files nobody holds a lock on (their
+creator is gone) at start and periodically (``remove_orphan_files``).
+
+Security: /dev/shm is world-writable. Whatever a peer names is opened with ``O_NOFOLLOW`` and
+must be a regular file with one link, owned by this process's user, of the expected size;
+anything else (a symlink to a file the server may write, another user's segment) is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import mmap
 import os
+import stat
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +33,11 @@ logger = init_logger(__name__)
 
 SEGMENT_PREFIX = "/lmcache_kv_"  # an engine's KV storage
 ARENA_PREFIX = "/lmcache_l1_"  # a server's L1 arena
+LIVENESS_PREFIX = "/lmcache_live_"  # an engine's liveness mark (transfer/liveness.py)
 _DEV_SHM = "/dev/shm"
+# A file is taken for an orphan only this long after its creation: its creator takes the lock
+# right after creating it, and must not lose the race against a sweep.
+ORPHAN_GRACE_S = 10.0
 _counter = itertools.count()
 
 
@@ -33,28 +47,46 @@ class SegmentError(OSError):
 
 @dataclass
 class Segment:
+    """An engine's segment; ``fd`` holds its flock until the name is unlinked."""
+
     name: str
     nbytes: int
+    fd: int = -1
 
     def unlink(self) -> None:
         try:
             os.unlink(_DEV_SHM + self.name)
         except FileNotFoundError:
             pass
+        if self.fd >= 0:
+            os.close(self.fd)  # the lock goes with it
+            self.fd = -1
+
+
+def create_locked(prefix: str, nbytes: int) -> tuple[str, int]:
+    """Creates ``/dev/shm/<prefix><pid>_<n>`` of ``nbytes`` and takes a shared flock on it at once:
+    (name, fd). The lock lives as long as the fd, so it dies with this process."""
+    name = f"{prefix}{os.getpid()}_{next(_counter)}"
+    fd = os.open(_DEV_SHM + name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if nbytes:
+            os.ftruncate(fd, nbytes)
+    except BaseException:
+        os.unlink(_DEV_SHM + name)
+        os.close(fd)
+        raise
+    return name, fd
 
 
 def _create(nbytes: int) -> tuple[Segment, mmap.mmap]:
-    name = f"{SEGMENT_PREFIX}{os.getpid()}_{next(_counter)}"
-    fd = os.open(_DEV_SHM + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    name, fd = create_locked(SEGMENT_PREFIX, nbytes)
     try:
-        os.ftruncate(fd, nbytes)
         mm = mmap.mmap(fd, nbytes)
     except BaseException:
-        os.unlink(_DEV_SHM + name)
+        Segment(name, nbytes, fd).unlink()
         raise
-    finally:
-        os.close(fd)
-    return Segment(name, nbytes), mm
+    return Segment(name, nbytes, fd), mm
 
 
 def migrate_to_shm(tensors: list[Any], storages: list[Any]) -> list[Segment]:
@@ -104,15 +136,75 @@ def remove_stale_arenas() -> list[str]:
     return removed
 
 
+def open_checked(name: str, prefix: str, flags: int = os.O_RDWR) -> int:
+    """Opens ``/dev/shm/<name>`` for a name a peer sent, refusing anything but a plain SHM object
+    of this user: a name outside ``prefix``, a symlink, a hard link, a directory or device,
+    another user's file. Returns the fd; raises SegmentError with the reason."""
+    if not name.startswith(prefix) or "/" in name[1:] or "\0" in name or name in (prefix, "/.", "/.."):
+        raise SegmentError(f"{name!r} is not an LMCache segment name ({prefix}...)")
+    try:
+        fd = os.open(_DEV_SHM + name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SegmentError(f"SHM segment {name} does not exist") from None
+    except OSError as e:  # ELOOP: a symlink; EACCES, ENXIO, ...
+        raise SegmentError(f"cannot open SHM segment {name}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SegmentError(f"SHM segment {name} is not a regular file")
+        if st.st_nlink != 1:
+            raise SegmentError(f"SHM segment {name} has {st.st_nlink} links; a segment has one")
+        if st.st_uid != os.geteuid():
+            raise SegmentError(
+                f"SHM segment {name} belongs to uid {st.st_uid}, not to this server's user ({os.geteuid()})"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_orphan_files(prefixes: tuple[str, ...] = (SEGMENT_PREFIX, LIVENESS_PREFIX)) -> list[str]:
+    """Unlinks the engines' files in /dev/shm whose creator is gone: nobody holds their flock
+    (see ``create_locked``) and they are older than ORPHAN_GRACE_S. Returns their names."""
+    removed = []
+    try:
+        entries = os.listdir(_DEV_SHM)
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        name = "/" + entry
+        if not name.startswith(prefixes):
+            continue
+        try:
+            fd = open_checked(name, next(p for p in prefixes if name.startswith(p)), os.O_RDONLY)
+        except SegmentError:
+            continue  # gone meanwhile, or not ours to judge
+        try:
+            st = os.fstat(fd)
+            if now - st.st_ctime < ORPHAN_GRACE_S:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its creator lives
+            # Unlink only the file we judged (the name may have been reused since).
+            if os.stat(_DEV_SHM + name, follow_symlinks=False).st_ino == st.st_ino:
+                os.unlink(_DEV_SHM + name)
+                removed.append(name)
+                logger.warning("Removed %s (%d bytes) left in /dev/shm by an engine that is gone", name, st.st_size)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def map_segment(name: str, nbytes: int, prefix: str = SEGMENT_PREFIX) -> np.ndarray:
     """Maps a segment as a writable uint8 array of exactly ``nbytes``: an engine's KV storage on
     the server side, or (with ``prefix=ARENA_PREFIX``) the server's L1 arena on the engine side."""
-    if not name.startswith(prefix) or "/" in name[1:]:
-        raise SegmentError(f"{name!r} is not an LMCache segment name ({prefix}...)")
-    try:
-        fd = os.open(_DEV_SHM + name, os.O_RDWR)
-    except FileNotFoundError:
-        raise SegmentError(f"SHM segment {name} does not exist") from None
+    fd = open_checked(name, prefix)
     try:
         size = os.fstat(fd).st_size
         if size != nbytes:

@@ -68,7 +68,13 @@ class StepMetadata(msgspec.Struct, array_like=True):
 
 
 def _client(config: ConnectorConfig) -> MPClient:
-    return MPClient(strip_scheme(config.host), config.port, timeout_s=config.timeout_s)
+    return MPClient(
+        strip_scheme(config.host),
+        config.port,
+        timeout_s=config.timeout_s,
+        curve_server_key=config.curve_server_key or None,
+        curve_client_secret_file=config.curve_client_secret_file or None,
+    )
 
 
 # --- scheduler side ---------------------------------------------------------------------------
