@@ -24,6 +24,7 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
     app = Sanic(f"lmcache_admin_{next(_app_ids)}", configure_logging=False)
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
+    app.config.REQUEST_MAX_SIZE = 64 << 10  # no admin route takes a body worth buffering
     count = metrics.http_requests
     token = engine.config.admin_token
 

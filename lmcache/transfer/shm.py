@@ -37,7 +37,7 @@ LIVENESS_PREFIX = "/lmcache_live_"  # an engine's liveness mark (transfer/livene
 _DEV_SHM = "/dev/shm"
 # A file is taken for an orphan only this long after its creation: its creator takes the lock
 # right after creating it, and must not lose the race against a sweep.
-ORPHAN_GRACE_S = 10.0
+ORPHAN_GRACE_S = 2.0
 _counter = itertools.count()
 
 
@@ -206,9 +206,14 @@ def map_segment(name: str, nbytes: int, prefix: str = SEGMENT_PREFIX) -> np.ndar
     the server side, or (with ``prefix=ARENA_PREFIX``) the server's L1 arena on the engine side."""
     fd = open_checked(name, prefix)
     try:
-        size = os.fstat(fd).st_size
-        if size != nbytes:
-            raise SegmentError(f"SHM segment {name} has {size} bytes, but its storage has {nbytes}")
+        st = os.fstat(fd)
+        if st.st_size != nbytes:
+            raise SegmentError(f"SHM segment {name} has {st.st_size} bytes, but its storage has {nbytes}")
+        if st.st_blocks * 512 < nbytes and prefix == SEGMENT_PREFIX:
+            # An engine's segment holds its KV, so all of it is written. A sparse one would make
+            # MAP_POPULATE below allocate its size in server memory: a few bytes of request
+            # could then ask for a terabyte.
+            raise SegmentError(f"SHM segment {name} is sparse ({st.st_blocks * 512} of {nbytes} bytes backed)")
         # MAP_POPULATE builds the page tables now: a first store through a fresh mapping
         # otherwise faults page by page (measured 0.2 GB/s instead of 9).
         mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
