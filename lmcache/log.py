@@ -24,9 +24,15 @@ class _OneLineFormatter(logging.Formatter):
         c: f"\\u{c:04x}" for c in (0x7F, 0x85, 0x2028, 0x2029)  # what some log readers split lines on
     }
 
+    _TRACEBACK_ESCAPES = {c: e for c, e in _ESCAPES.items() if c != 10}
+
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = record.message.translate(self._ESCAPES)
         return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
+        # A traceback keeps its lines, but its text may quote what a client sent (a URL).
+        return super().formatException(ei).translate(self._TRACEBACK_ESCAPES)
 
 
 def _configure_once() -> logging.Handler:

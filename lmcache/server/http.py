@@ -7,9 +7,10 @@ OPTIONS) must carry ``Authorization: Bearer <token>``; reads stay open for probe
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 from sanic import Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import BadRequest, SanicException
 from sanic.response import HTTPResponse, json, raw
 
 from lmcache.security import bearer_matches
@@ -20,8 +21,23 @@ from lmcache.server.metrics import ServerMetrics
 _app_ids = itertools.count()
 
 
+class _AdminRequest(Request):
+    """Sanic answers a request it cannot parse through a stand-in request built from the same
+    URL; when the URL itself was the problem (``GET ?``, a NUL or control byte in the path), the
+    stand-in fails the same way, and the client got no answer while Sanic logged a traceback.
+    The stand-in (method ``NONE``) gets a harmless URL instead, so the client gets its 400."""
+
+    def __init__(self, url_bytes: bytes, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(url_bytes, *args, **kwargs)
+        except BadRequest:
+            if kwargs.get("method") != "NONE":
+                raise
+            super().__init__(b"/", *args, **kwargs)
+
+
 def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
-    app = Sanic(f"lmcache_admin_{next(_app_ids)}", configure_logging=False)
+    app = Sanic(f"lmcache_admin_{next(_app_ids)}", configure_logging=False, request_class=_AdminRequest)
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
     app.config.REQUEST_MAX_SIZE = 64 << 10  # no admin route takes a body worth buffering
