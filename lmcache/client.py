@@ -17,7 +17,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,6 +39,21 @@ R = TypeVar("R", bound=p.Reply)
 
 # Longest time one waiter holds the socket before letting other threads in.
 _POLL_SLICE_S = 0.005
+# Timed-out requests whose late replies are still undone, at most.
+_MAX_LATE = 1024
+
+
+def _undo_slots(kind: type[p.Request]) -> Callable[[p.Reply], p.Request | None]:
+    """For a Prepare* whose Slots arrive too late: commit nothing, or release the locks."""
+
+    def undo(reply: p.Reply) -> p.Request | None:
+        if not isinstance(reply, p.Slots):
+            return None
+        if kind is p.PrepareStore:
+            return p.CommitStore(reply.ticket, [False] * len(reply.offsets))
+        return p.FinishRetrieve(reply.ticket)
+
+    return undo
 
 
 class ServerUnavailableError(ConnectionError):
@@ -57,7 +72,7 @@ class ServerError(RuntimeError):
 class ReplyFuture:
     """The pending reply to one request."""
 
-    __slots__ = ("_client", "_deadline", "_done", "_event", "_reply", "done_at", "request_id")
+    __slots__ = ("_client", "_deadline", "_done", "_event", "_reply", "done_at", "request_id", "undo")
 
     def __init__(self, client: MPClient, request_id: bytes, deadline: float) -> None:
         self._client = client
@@ -67,6 +82,9 @@ class ReplyFuture:
         self._done = False
         self.done_at = 0.0  # time.monotonic() when the reply (or failure) was taken in
         self.request_id = request_id
+        # What to send back if the reply comes after its caller gave up: a request that hands
+        # the server back what the late reply granted (lmcache_driven slots and locks).
+        self.undo: Callable[[p.Reply], p.Request | None] | None = None
 
     def done(self) -> bool:
         """True once the reply (or a failure) is in; never blocks."""
@@ -179,6 +197,7 @@ class MPClient:
         self._sock.connect(self.endpoint)
         self._lock = threading.Lock()
         self._pending: dict[bytes, ReplyFuture] = {}
+        self._late: dict[bytes, Callable[[p.Reply], p.Request | None]] = {}  # timed-out requests to undo
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -308,7 +327,7 @@ class MPClient:
                 registration.gpu.last = reply.event
             return reply
         blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
-        slots = self.call(p.PrepareStore(registration.instance_id, hashes, salt), p.Slots, timeout)
+        slots = self._prepare(p.PrepareStore(registration.instance_id, hashes, salt), timeout)
         ok = [False] * len(slots.offsets)
         try:
             for i, offset in enumerate(slots.offsets):
@@ -334,7 +353,7 @@ class MPClient:
                 registration.gpu.last = reply.event
             return reply.retrieved
         blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
-        slots = self.call(p.PrepareRetrieve(registration.instance_id, hashes, salt), p.Slots, timeout)
+        slots = self._prepare(p.PrepareRetrieve(registration.instance_id, hashes, salt), timeout)
         written = 0
         try:
             bpc = registration.blocks_per_chunk
@@ -352,6 +371,15 @@ class MPClient:
             )
             return 0
         return written
+
+    def _prepare(self, request: p.PrepareStore | p.PrepareRetrieve, timeout: float | None) -> p.Slots:
+        """A Prepare* call whose reply, should it come after the timeout, is undone at once."""
+        future = self.submit(request, timeout)
+        future.undo = _undo_slots(type(request))
+        reply = future.result()
+        if not isinstance(reply, p.Slots):
+            raise ServerError(p.ErrorCode.BAD_MESSAGE, f"expected Slots, got {type(reply).__name__}")
+        return reply
 
     # --- generic --------------------------------------------------------------------------
 
@@ -428,7 +456,10 @@ class MPClient:
                 if time.monotonic() < future._deadline and deadline < future._deadline:
                     return  # a bounded wait ended; the request itself is still pending
                 with self._lock:
-                    self._pending.pop(future.request_id, None)
+                    if self._pending.pop(future.request_id, None) is not None and future.undo is not None:
+                        self._late[future.request_id] = future.undo
+                        while len(self._late) > _MAX_LATE:
+                            del self._late[next(iter(self._late))]
                 if not future._done:
                     future._set(ServerUnavailableError(
                         f"no reply from the LMCache server at {self.endpoint} within the timeout"
@@ -465,9 +496,22 @@ class MPClient:
         finally:
             self._lock.release()
 
+    def _undo_late(self, undo: Callable[[p.Reply], p.Request | None], frame: bytes) -> None:
+        """A reply whose caller timed out granted something (slots, locks): hand it back now,
+        without waiting (the lock is held; the answer to this request is dropped)."""
+        try:
+            request = undo(p.decode_reply(frame))
+            if request is not None:
+                self._sock.send_multipart([next(self._ids).to_bytes(8, "little"), p.encode(request)], zmq.NOBLOCK)
+        except (p.ProtocolError, zmq.ZMQError):
+            pass  # the server is gone or unreachable: what it granted went with it
+
     def _deliver(self, frames: list[bytes]) -> None:
         future = self._pending.pop(frames[0], None)
         if future is None:
+            undo = self._late.pop(frames[0], None)
+            if undo is not None and len(frames) == 2:
+                self._undo_late(undo, frames[1])
             return  # the caller timed out, or the server answered a request it could not parse
         if len(frames) != 2:
             future._set(ServerError(p.ErrorCode.BAD_ENVELOPE, f"reply has {len(frames)} frames, expected 2"))

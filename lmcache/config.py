@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 GIB = 1 << 30
-MIN_L1_GB = 1 / 1024  # one MiB: the smallest pool worth having
+MIN_L1_GB = 1 / (1 << 14)  # 64 KiB: a few chunks of a tiny model, enough for tests
 MAX_L1_GB = float(1 << 20)  # one PiB: no machine has more, and sizes stay exact integers
 
 
@@ -89,7 +89,7 @@ class ServerConfig:
         object.__setattr__(self, "log_level", _enum(LogLevel, "log_level", self.log_level))
         if not MIN_L1_GB <= self.l1_size_gb <= MAX_L1_GB:  # also refuses nan and inf
             raise ConfigError(
-                "l1_size_gb", f"must be between 1 MiB ({MIN_L1_GB:g}) and {MAX_L1_GB:.0f} GiB (got {self.l1_size_gb:g})"
+                "l1_size_gb", f"must be between 64 KiB ({MIN_L1_GB:g}) and {MAX_L1_GB:.0f} GiB (got {self.l1_size_gb:g})"
             )
         for field in ("port", "http_port"):
             value = getattr(self, field)

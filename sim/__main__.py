@@ -55,6 +55,7 @@ class Options:
     max_num_batched_tokens: int
     prefix_caching: bool
     max_output_tokens: int
+    timeout_s: float
     report: Path | None
     corrupt_after: int
 
@@ -75,6 +76,8 @@ def _options(**o: Any) -> Options:
             raise _bad("must be at least 1", "--" + name.replace("_", "-"))
     if o["speed"] <= 0:
         raise _bad("must be positive", "--speed")
+    if not o["timeout_s"] > 0:
+        raise _bad("must be positive", "--timeout-s")
     layers, heads, head_size, dtype = MODEL_SHAPES[o["model_shape"]]
     spec = ModelSpec(
         name=f"sim-{o['model_shape']}", layers=o["layers"] or layers, kv_heads=o["kv_heads"] or heads,
@@ -111,6 +114,9 @@ MaxTokens = Annotated[int, typer.Option("--max-num-batched-tokens", help="Tokens
 PrefixCaching = Annotated[bool, typer.Option("--enable-prefix-caching", help="Engines keep a local prefix cache.")]
 MaxOutput = Annotated[int, typer.Option("--max-output-tokens", help="Decode at most this many tokens per request.")]
 Report = Annotated[Path | None, typer.Option("--report", help="Write a JSON report here.")]
+Timeout = Annotated[float, typer.Option("--timeout-s", help="The connector's lmcache.mp.timeout_s: bound on every "
+                                        "call to the server (a request the server never answers, e.g. because it "
+                                        "died, stalls its engine this long).")]
 Corrupt = Annotated[int, typer.Option("--test-corrupt-l1-after", hidden=True,
                                       help="Test only: scribble on L1 after N requests.")]
 
@@ -124,7 +130,8 @@ def replay(
     kv_heads: KVHeads = 0, head_size: HeadSize = 0, dtype: DType = "", num_blocks: Blocks = 8192,
     transfer_mode: Mode = "auto", sequential: Sequential = False, speed: Speed = 1.0, max_num_seqs: MaxSeqs = 64,
     max_num_batched_tokens: MaxTokens = 8192, enable_prefix_caching: PrefixCaching = False,
-    max_output_tokens: MaxOutput = 16, report: Report = None, test_corrupt_l1_after: Corrupt = 0,
+    max_output_tokens: MaxOutput = 16, timeout_s: Timeout = 60.0, report: Report = None,
+    test_corrupt_l1_after: Corrupt = 0,
 ) -> None:
     """Replay a Mooncake trace (hash ids become deterministic tokens)."""
     opts = _options(**locals())
@@ -143,7 +150,8 @@ def synth(
     kv_heads: KVHeads = 0, head_size: HeadSize = 0, dtype: DType = "", num_blocks: Blocks = 8192,
     transfer_mode: Mode = "auto", sequential: Sequential = False, speed: Speed = 1.0, max_num_seqs: MaxSeqs = 64,
     max_num_batched_tokens: MaxTokens = 8192, enable_prefix_caching: PrefixCaching = False,
-    max_output_tokens: MaxOutput = 16, report: Report = None, test_corrupt_l1_after: Corrupt = 0,
+    max_output_tokens: MaxOutput = 16, timeout_s: Timeout = 60.0, report: Report = None,
+    test_corrupt_l1_after: Corrupt = 0,
 ) -> None:
     """Play a synthetic workload: chat, system-prompt, rag, random or repeat."""
     if kind not in KINDS:
@@ -175,7 +183,8 @@ def sweep(
             port=None, engines=1, engine_mode="tp", layout=layout, block_size=block_size, model_shape=model_shape,
             layers=0, kv_heads=0, head_size=0, dtype="", num_blocks=num_blocks, transfer_mode=transfer_mode,
             sequential=True, speed=1.0, max_num_seqs=1, max_num_batched_tokens=1 << 20,
-            enable_prefix_caching=False, max_output_tokens=max_output_tokens, report=None, test_corrupt_l1_after=0,
+            enable_prefix_caching=False, max_output_tokens=max_output_tokens, timeout_s=60.0, report=None,
+            test_corrupt_l1_after=0,
         )
         result = _run(mooncake(trace, requests), opts)
         rows.append({"l1_size_gb": size, **result})
@@ -229,7 +238,7 @@ def _run(source: Iterable[SimRequest], o: Options) -> dict[str, Any]:
         else:
             host, port = o.host or "localhost", o.port
         config = ConnectorConfig(host=f"tcp://{host}", port=port, mp_transfer_mode=o.transfer_mode,
-                                 lookup_wait_ms=50, timeout_s=60)
+                                 lookup_wait_ms=50, timeout_s=o.timeout_s)
         with MPClient(host, port, timeout_s=10) as client:
             chunk = client.hello().chunk_size
             if server is not None:

@@ -193,7 +193,10 @@ def remove_orphan_files(prefixes: tuple[str, ...] = (SEGMENT_PREFIX, LIVENESS_PR
             if os.stat(_DEV_SHM + name, follow_symlinks=False).st_ino == st.st_ino:
                 os.unlink(_DEV_SHM + name)
                 removed.append(name)
-                logger.warning("Removed %s (%d bytes) left in /dev/shm by an engine that is gone", name, st.st_size)
+                # A liveness mark is empty and expected after any exit that skipped atexit
+                # (forked workers); a KV segment left behind is memory an engine leaked.
+                log = logger.warning if name.startswith(SEGMENT_PREFIX) else logger.info
+                log("Removed %s (%d bytes) left in /dev/shm by an engine that is gone", name, st.st_size)
         except OSError:
             pass
         finally:
