@@ -158,3 +158,53 @@ def test_bad_lookups_get_bad_request_errors(client: MPClient, request_: p.Reques
     assert info.value.code == p.ErrorCode.BAD_REQUEST
     assert text in info.value.message
     assert client.ping() == p.Pong()
+
+
+def _register(engine: CacheEngine, instance_id: str):
+    from lmcache.transfer.layouts import describe
+    from lmcache.transfer.liveness import process_mark
+    from lmcache.transfer.vllm_like import make_kv
+
+    layout, _ = describe(make_kv("LBHNC", "float16"))
+    return engine.register_kv_cache(instance_id, "m", 1, 0, layout, [], "lmcache_driven", liveness=process_mark())
+
+
+def test_registrations_are_bounded(monkeypatch) -> None:
+    from lmcache.server import engine as engine_module
+
+    config = ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=64)
+    eng = CacheEngine(config)
+    monkeypatch.setattr(engine_module, "MAX_ENGINES", 3)
+    try:
+        for i in range(3):
+            _register(eng, f"e{i}")
+        with pytest.raises(RequestError, match="3 engines are registered already"):
+            _register(eng, "one-too-many")
+        _register(eng, "e1")  # an engine registering again is not a new one
+        eng.unregister_kv_cache("e0")
+        _register(eng, "now-there-is-room")
+        assert len(eng.status()["engines"]) == 3
+    finally:
+        eng.close()
+
+
+def test_a_prepare_that_holds_nothing_leaves_no_ticket() -> None:
+    config = ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=64)
+    eng = CacheEngine(config)
+    try:
+        _register(eng, "e")
+        for i in range(1000):  # a flood of misses must not grow anything
+            ticket, offsets = eng.prepare_retrieve("e", prompt(1, seed=i))
+            assert (ticket, offsets) == (0, [])
+        assert eng.status()["tickets"]["open"] == 0
+        assert eng.finish_retrieve(0) == 0
+        hashes = prompt(2, seed=5)
+        ticket, offsets, present, skipped = eng.prepare_store("e", hashes)
+        assert ticket != 0 and all(o >= 0 for o in offsets)
+        assert eng.commit_store(ticket, [True, True])[0] == 2
+        again = eng.prepare_store("e", hashes)  # both present: nothing reserved
+        assert again[0] == 0 and again[2] == 2
+        assert eng.commit_store(0, [False, False]) == (0, 0, 0)
+        assert eng.status()["tickets"]["open"] == 0
+    finally:
+        eng.close()

@@ -48,6 +48,12 @@ class EngineState(str, enum.Enum):
     FAILED = "failed"
 
 
+# Registrations at once: each holds mappings and descriptors, so their number is bounded too.
+MAX_ENGINES = 1024
+# The ticket of a Prepare* that holds nothing; CommitStore/FinishRetrieve accept it as a no-op.
+NO_TICKET = 0
+
+
 class RequestError(ValueError):
     """A well-formed request whose values the engine cannot accept (becomes a bad_request Error)."""
 
@@ -290,6 +296,10 @@ class CacheEngine:
             served = ", ".join(self.transfer_modes)
             raise RequestError(f"transfer mode {mode!r} is not served here (served: {served})")
         _check_scope(CacheScope(model, world_size, rank))
+        with self._lock:
+            full = instance_id not in self._engines and len(self._engines) >= MAX_ENGINES
+        if full:
+            raise RequestError(f"cannot register {instance_id}: {MAX_ENGINES} engines are registered already")
         object_bytes = 0
         try:
             layout.validate()
@@ -551,6 +561,8 @@ class CacheEngine:
     def commit_store(self, ticket: int, ok: Sequence[bool]) -> tuple[int, int, int]:
         """Publishes the prepared chunks whose copy completed: (stored, present, skipped)."""
         t = self._take_ticket(ticket, "store")
+        if t is None:
+            return 0, 0, 0
         if len(ok) != len(t.handles):
             self.l1.commit(t.handles, False)
             self.l1.release_held(t.handles)
@@ -578,6 +590,8 @@ class CacheEngine:
 
     def finish_retrieve(self, ticket: int) -> int:
         t = self._take_ticket(ticket, "retrieve")
+        if t is None:
+            return 0
         released = self.l1.release(t.handles)
         if t.handles:
             tokens = len(t.handles) * self.config.chunk_size
@@ -585,13 +599,18 @@ class CacheEngine:
         return released
 
     def _ticket(self, ticket: _Ticket) -> int:
+        if not any(h is not None for h in ticket.handles):
+            return NO_TICKET  # nothing held: nothing to remember (a flood of these costs nothing)
         with self._lock:
             number = next(self._ticket_numbers)
             self._tickets[number] = ticket
         self._sweep_sessions()
         return number
 
-    def _take_ticket(self, number: int, kind: str) -> _Ticket:
+    def _take_ticket(self, number: int, kind: str) -> _Ticket | None:
+        """The ticket, taken out; None for NO_TICKET."""
+        if number == NO_TICKET:
+            return None
         with self._lock:
             ticket = self._tickets.get(number)
             if ticket is None or ticket.kind != kind:
