@@ -43,15 +43,15 @@ _POLL_SLICE_S = 0.005
 _MAX_LATE = 1024
 
 
-def _undo_slots(kind: type[p.Request]) -> Callable[[p.Reply], p.Request | None]:
+def _undo_slots(request: p.PrepareStore | p.PrepareRetrieve) -> Callable[[p.Reply], p.Request | None]:
     """For a Prepare* whose Slots arrive too late: commit nothing, or release the locks."""
 
     def undo(reply: p.Reply) -> p.Request | None:
         if not isinstance(reply, p.Slots):
             return None
-        if kind is p.PrepareStore:
-            return p.CommitStore(reply.ticket, [False] * len(reply.offsets))
-        return p.FinishRetrieve(reply.ticket)
+        if isinstance(request, p.PrepareStore):
+            return p.CommitStore(reply.ticket, [False] * len(reply.offsets), request.instance_id)
+        return p.FinishRetrieve(reply.ticket, request.instance_id)
 
     return undo
 
@@ -335,7 +335,7 @@ class MPClient:
                     copier.cache.gather(blocks[i], copier.arena, offset)
                     ok[i] = True
         finally:
-            reply = self.call(p.CommitStore(slots.ticket, ok), p.StoreReply, timeout)
+            reply = self.call(p.CommitStore(slots.ticket, ok, registration.instance_id), p.StoreReply, timeout)
         return p.StoreReply(reply.stored, slots.present, slots.skipped)
 
     def retrieve(
@@ -361,7 +361,7 @@ class MPClient:
                 copier.cache.scatter(copier.arena, offset, blocks[i], max(0, skip_blocks - i * bpc))
                 written += 1
         finally:
-            released = self.call(p.FinishRetrieve(slots.ticket), p.Released, timeout).locks
+            released = self.call(p.FinishRetrieve(slots.ticket, registration.instance_id), p.Released, timeout).locks
         if released != len(slots.offsets):
             # A lock expired while this process copied (it was paused longer than the lock TTL):
             # the slot may have held another chunk by then. Nothing copied counts as loaded.
@@ -375,7 +375,7 @@ class MPClient:
     def _prepare(self, request: p.PrepareStore | p.PrepareRetrieve, timeout: float | None) -> p.Slots:
         """A Prepare* call whose reply, should it come after the timeout, is undone at once."""
         future = self.submit(request, timeout)
-        future.undo = _undo_slots(type(request))
+        future.undo = _undo_slots(request)
         reply = future.result()
         if not isinstance(reply, p.Slots):
             raise ServerError(p.ErrorCode.BAD_MESSAGE, f"expected Slots, got {type(reply).__name__}")

@@ -20,7 +20,7 @@ __all__ = ["CHAIN_SEED", "HASH_BYTES", "CacheScope", "ChunkKey", "chunk_keys", "
 
 
 # Bounds every decoded message is held to before any work is done for it (see protocol.py).
-MAX_NAME_CHARS = 512  # model names, salts, sessions, instance ids, page formats
+MAX_NAME_CHARS = 4096  # model names, salts, sessions, instance ids, page formats
 MAX_WORLD_SIZE = 1024  # ranks of one model instance (tensor x pipeline parallel)
 MAX_REQUEST_CHUNKS = 1 << 16  # chunks in one request: 16M tokens at 256 per chunk
 

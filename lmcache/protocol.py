@@ -160,6 +160,7 @@ class PrepareStore(_Message, tag=12):
 class CommitStore(_Message, tag=13):
     ticket: _Ticket
     ok: _Flags  # per offset of the Slots reply: was the copy complete
+    instance_id: Name = ""  # the engine the ticket was given to (checked when sent)
 
 
 class PrepareRetrieve(_Message, tag=14):
@@ -170,6 +171,7 @@ class PrepareRetrieve(_Message, tag=14):
 
 class FinishRetrieve(_Message, tag=15):
     ticket: _Ticket
+    instance_id: Name = ""  # the engine the ticket was given to (checked when sent)
 
 
 # --- replies --------------------------------------------------------------------------------
@@ -320,20 +322,43 @@ def _name_field(cls: type, error: str) -> str:
 def _explain_invalid(frame: bytes | memoryview, error: msgspec.ValidationError) -> str:
     """Says which message id was wrong, when the frame is an array that starts with one.
 
-    Must be total: it runs on frames the decoder already refused, whose first item may be
-    anything (an array, a map, a huge number).
+    Must be total and cheap: it runs on frames the decoder already refused, whose first item
+    may be anything, and which may be megabytes of nested values; so only the id is read.
     """
-    try:
-        tag = msgspec.msgpack.decode(frame)[0]
-    except Exception:
-        return f"not a valid request: {error}"
-    if type(tag) is int:
-        if tag in _REQUEST_TAGS:
-            return f"invalid {_REQUEST_TAGS[tag]} message: {_name_field(_REQUEST_TYPES[tag], str(error))}"
-        if tag in _REPLY_TAGS:
-            return f"message id {tag} is a reply ({_REPLY_TAGS[tag]}), not a request"
-        return f"unknown message id {tag}"
-    return f"not a valid request (the message id is a {type(tag).__name__}, not an integer): {error}"
+    tag = _message_id(bytes(frame[:10]))
+    if tag is None:
+        return f"not a valid request (it does not start with an integer message id): {error}"
+    if tag in _REQUEST_TAGS:
+        return f"invalid {_REQUEST_TAGS[tag]} message: {_name_field(_REQUEST_TYPES[tag], str(error))}"
+    if tag in _REPLY_TAGS:
+        return f"message id {tag} is a reply ({_REPLY_TAGS[tag]}), not a request"
+    return f"unknown message id {tag}"
+
+
+_ARRAY_HEADERS = {0xDC: 3, 0xDD: 5}  # array16, array32: header bytes
+_UINTS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def _message_id(head: bytes) -> int | None:
+    """The first item of a msgpack array if it is a non-negative integer, else None."""
+    if not head:
+        return None
+    first = head[0]
+    if 0x90 <= first <= 0x9F:
+        at = 1
+    elif first in _ARRAY_HEADERS:
+        at = _ARRAY_HEADERS[first]
+    else:
+        return None
+    if len(head) <= at:
+        return None
+    kind = head[at]
+    if kind <= 0x7F:
+        return kind
+    size = _UINTS.get(kind)
+    if size is None or len(head) < at + 1 + size:
+        return None
+    return int.from_bytes(head[at + 1 : at + 1 + size], "big")
 
 
 def decode_reply(frame: bytes | memoryview) -> Reply:

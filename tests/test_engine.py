@@ -208,3 +208,18 @@ def test_a_prepare_that_holds_nothing_leaves_no_ticket() -> None:
         assert eng.status()["tickets"]["open"] == 0
     finally:
         eng.close()
+
+
+def test_a_ticket_is_only_its_engines_and_never_guessable() -> None:
+    config = ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=64)
+    eng = CacheEngine(config)
+    try:
+        _register(eng, "a")
+        _register(eng, "b")
+        ticket, offsets, _, _ = eng.prepare_store("b", prompt(2, seed=9))
+        assert ticket > 1 << 20  # random, not 1, 2, 3 ... (a replaced server's tickets must not match)
+        with pytest.raises(RequestError, match="unknown or expired"):
+            eng.commit_store(ticket, [True, True], instance_id="a")  # another engine's ticket
+        assert eng.commit_store(ticket, [True, True], instance_id="b")[0] == 2
+    finally:
+        eng.close()

@@ -247,3 +247,27 @@ def test_read_locks_are_capped(clock: Clock) -> None:
     assert look(l1, SCOPE, hashes(3), lock=True)[0] == 2
     clock.now += 31  # expiry gives every lock back
     assert look(l1, SCOPE, hashes(3), lock=True)[0] == 3
+
+
+def test_a_held_reservation_of_a_dead_engine_is_freed_even_before_anything_expired_it(clock: Clock) -> None:
+    # Nothing touched L1 between the lock's deadline and the engine's death being noticed:
+    # release_held must still free it (it once found no orphan and freed nothing, for ever).
+    l1 = make_l1(clock)
+    res = l1.reserve(SCOPE, hashes(3), OBJ, held=True)
+    clock.now += 31
+    assert l1.release_held(res.handles) == 3
+    stats = l1.stats()
+    assert (stats["orphans"], stats["writing"], stats["used_bytes"]) == (0, 0, 0)
+    # ... and, engine gone before its lock expired, its reservations go too.
+    res = l1.reserve(SCOPE, hashes(2, start=500), OBJ, held=True)
+    assert l1.release_held(res.handles) == 2
+    assert l1.stats()["used_bytes"] == 0 and look(l1, SCOPE, hashes(2, start=500))[0] == 0
+
+
+def test_the_expiry_heap_stays_proportional_to_the_locks_held(clock: Clock) -> None:
+    l1 = make_l1(clock)
+    store(l1, hashes(4))
+    for _ in range(100_000):  # lock and release, again and again, within one TTL
+        _, handles = look(l1, SCOPE, hashes(4), lock=True)
+        l1.release(handles)
+    assert len(l1._expiries) <= 2 * 65536 + 8

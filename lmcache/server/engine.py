@@ -12,6 +12,7 @@ import enum
 import importlib.util
 import itertools
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -148,7 +149,6 @@ class CacheEngine:
         self._engines: dict[str, _Registration] = {}
         self._sessions: dict[str, _Session] = {}
         self._tickets: dict[int, _Ticket] = {}  # lmcache_driven copies in progress
-        self._ticket_numbers = itertools.count(1)
         self._next_sweep = 0.0
         self._clears = 0
 
@@ -526,7 +526,7 @@ class CacheEngine:
         """Housekeeping that must happen without traffic too: idle registrations, expired
         sessions and tickets (a dead engine's orphaned slots), files dead engines left in
         /dev/shm."""
-        period = min(self.config.engine_ttl_s / 4, self.config.lock_ttl_s / 2, self.HOUSEKEEPING_S)
+        period = max(0.5, min(self.config.engine_ttl_s / 4, self.config.lock_ttl_s / 2, self.HOUSEKEEPING_S))
         while not self._stopping.wait(period):
             for job in (self.reap_idle_engines, lambda: self._sweep_sessions(force=True), remove_orphan_files):
                 try:
@@ -558,9 +558,9 @@ class CacheEngine:
         offsets = [h.obj.offset if h is not None else -1 for h in res.handles]
         return self._ticket(_Ticket("store", reg, res.handles)), offsets, res.present, res.skipped
 
-    def commit_store(self, ticket: int, ok: Sequence[bool]) -> tuple[int, int, int]:
+    def commit_store(self, ticket: int, ok: Sequence[bool], instance_id: str = "") -> tuple[int, int, int]:
         """Publishes the prepared chunks whose copy completed: (stored, present, skipped)."""
-        t = self._take_ticket(ticket, "store")
+        t = self._take_ticket(ticket, "store", instance_id)
         if t is None:
             return 0, 0, 0
         if len(ok) != len(t.handles):
@@ -588,8 +588,8 @@ class CacheEngine:
         kept = handles[:leading]
         return self._ticket(_Ticket("retrieve", reg, kept)), [h.obj.offset for h in kept]
 
-    def finish_retrieve(self, ticket: int) -> int:
-        t = self._take_ticket(ticket, "retrieve")
+    def finish_retrieve(self, ticket: int, instance_id: str = "") -> int:
+        t = self._take_ticket(ticket, "retrieve", instance_id)
         if t is None:
             return 0
         released = self.l1.release(t.handles)
@@ -602,18 +602,22 @@ class CacheEngine:
         if not any(h is not None for h in ticket.handles):
             return NO_TICKET  # nothing held: nothing to remember (a flood of these costs nothing)
         with self._lock:
-            number = next(self._ticket_numbers)
+            # Random, not counted: a ticket of a server that was replaced, or of another engine,
+            # must never name one of this server's (it would publish or free slots in use).
+            number = secrets.randbits(62) + 1
+            while number in self._tickets:
+                number = secrets.randbits(62) + 1
             self._tickets[number] = ticket
         self._sweep_sessions()
         return number
 
-    def _take_ticket(self, number: int, kind: str) -> _Ticket | None:
-        """The ticket, taken out; None for NO_TICKET."""
+    def _take_ticket(self, number: int, kind: str, instance_id: str = "") -> _Ticket | None:
+        """The ticket, taken out; None for NO_TICKET. With ``instance_id``, only that engine's."""
         if number == NO_TICKET:
             return None
         with self._lock:
             ticket = self._tickets.get(number)
-            if ticket is None or ticket.kind != kind:
+            if ticket is None or ticket.kind != kind or instance_id not in ("", ticket.registration.instance_id):
                 raise RequestError(f"unknown or expired {kind} ticket {number}")
             del self._tickets[number]
         return ticket

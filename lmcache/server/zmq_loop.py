@@ -74,9 +74,9 @@ class ZmqServer:
         }
         self._handlers.update({
             p.PrepareStore: self._prepare_store,
-            p.CommitStore: lambda r: p.StoreReply(*engine.commit_store(r.ticket, r.ok)),
+            p.CommitStore: lambda r: p.StoreReply(*engine.commit_store(r.ticket, r.ok, r.instance_id)),
             p.PrepareRetrieve: lambda r: p.Slots(*engine.prepare_retrieve(r.instance_id, r.hashes, r.salt)),
-            p.FinishRetrieve: lambda r: p.Released(engine.finish_retrieve(r.ticket)),
+            p.FinishRetrieve: lambda r: p.Released(engine.finish_retrieve(r.ticket, r.instance_id)),
             p.Fence: lambda r: p.Fenced(engine.fence(r.instance_id)),
         })
         # Slow requests run off the loop thread: copies on the workers, (un)registration on a
@@ -184,7 +184,10 @@ class ZmqServer:
                     return
                 if sock is bell:
                     bell.recv(zmq.NOBLOCK)
-                    self._send_finished()
+                    try:
+                        self._send_finished()
+                    except Exception:  # noqa: BLE001 - one bad reply must not take the loop down
+                        logger.exception("Unexpected error while sending finished replies; serving on")
                     continue
                 # One message per poll: asking ZMQ whether more are queued costs more than polling.
                 frames, count = self._receive(router)
@@ -216,9 +219,16 @@ class ZmqServer:
 
     def _send(self, identity: bytes, request_id: bytes, reply: p.Reply) -> None:
         try:
-            self._router.send_multipart((identity, request_id, p.encode(reply)), zmq.NOBLOCK)
+            body = p.encode(reply)
+        except Exception as e:  # noqa: BLE001 - a reply that cannot be encoded is a bug, not a crash
+            logger.exception("Cannot encode a %s reply", type(reply).__name__)
+            body = p.encode(p.Error(p.ErrorCode.INTERNAL, f"cannot encode the reply: {type(e).__name__}"))
+        try:
+            self._router.send_multipart((identity, request_id, body), zmq.NOBLOCK)
         except zmq.Again:
             logger.warning("Dropped a reply: the client is not reading its replies")
+        except zmq.ZMQError as e:  # e.g. a peer that is gone: its reply goes with it
+            logger.warning("Dropped a reply: %s", e)
 
     def _send_finished(self) -> None:
         while True:

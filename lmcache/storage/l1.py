@@ -41,6 +41,11 @@ from lmcache.keys import HASH_BYTES, CacheScope
 from lmcache.storage.eviction import Policy
 
 
+# The expiry heap is rebuilt from the live locks once it holds more than this many entries (or
+# twice the live ones, whichever is more).
+_MIN_HEAP_LIMIT = 1 << 16
+
+
 class State(enum.Enum):
     WRITING = "writing"
     READY = "ready"
@@ -90,7 +95,7 @@ class L1Cache:
     # Read locks held at once, over all objects and sessions. Each costs memory for up to a lock
     # TTL, so a flood of locking lookups must not grow without bound; past it a lookup counts
     # only what it could lock (a miss, never a wrong answer).
-    max_read_locks = 1 << 19
+    max_read_locks = 1 << 21
 
     def __init__(
         self,
@@ -109,6 +114,7 @@ class L1Cache:
         # the slot it needs. Other sizes are evicted only to free whole slabs.
         self._policies: dict[int, Policy] = {}
         self._expiries: list[tuple[float, int, LockHandle]] = []
+        self._heap_limit = _MIN_HEAP_LIMIT
         self._orphans: dict[L1Object, None] = {}  # held reservations whose lock expired
         self._seq = itertools.count()
         # Figures kept as they change, so /status and /metrics never walk the index.
@@ -237,10 +243,17 @@ class L1Cache:
         is gone): frees those that were orphaned. Returns how many."""
         freed = 0
         with self._lock:
+            self._expire()  # locks past their deadline become orphans first
             for handle in handles:
-                if handle is not None and handle.obj in self._orphans:
-                    del self._orphans[handle.obj]
-                    self._free(handle.obj)
+                if handle is None:
+                    continue
+                obj = handle.obj
+                if obj in self._orphans:
+                    del self._orphans[obj]
+                    self._free(obj)
+                    freed += 1
+                elif obj.held and obj.state is State.WRITING and handle.epoch == obj.epoch:
+                    self._drop(obj)  # never committed, and its engine is gone: nothing to publish
                     freed += 1
         return freed
 
@@ -256,7 +269,7 @@ class L1Cache:
                 obj = handle.obj
                 if obj.state is State.WRITING or obj.readers:
                     obj.deadline = max(obj.deadline, now + self._ttl)
-                    heapq.heappush(self._expiries, (obj.deadline, next(self._seq), handle))
+                    self._schedule(obj, handle)
                     renewed += 1
         return renewed
 
@@ -322,8 +335,24 @@ class L1Cache:
             self._read_locks += 1
         obj.deadline = max(obj.deadline, now + self._ttl)
         handle = LockHandle(obj, obj.epoch)
-        heapq.heappush(self._expiries, (obj.deadline, next(self._seq), handle))
+        self._schedule(obj, handle)
         return handle
+
+    def _schedule(self, obj: L1Object, handle: LockHandle) -> None:
+        """Queues the expiry of ``obj``'s locks at its deadline. Entries of released or renewed
+        locks stay in the heap until their time; when they outnumber the live ones, the heap
+        is rebuilt from the live ones, so it stays proportional to the locks actually held."""
+        heap = self._expiries
+        heapq.heappush(heap, (obj.deadline, next(self._seq), handle))
+        if len(heap) > self._heap_limit:
+            live: dict[int, tuple[float, int, LockHandle]] = {}
+            for entry in heap:
+                o, epoch = entry[2]
+                if epoch == o.epoch and entry[0] == o.deadline:
+                    live[id(o)] = entry
+            self._expiries = heap = list(live.values())
+            heapq.heapify(heap)
+            self._heap_limit = max(_MIN_HEAP_LIMIT, 2 * len(heap))
 
     def _expire(self) -> float:
         now = self._clock()

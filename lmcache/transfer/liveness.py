@@ -29,7 +29,7 @@ def process_mark() -> str:
     forked child makes its own: the parent's lock says nothing about the child)."""
     global _mark
     with _lock:
-        if _mark is None or _mark[0] != os.getpid():
+        if _mark is None or _mark[0] != os.getpid() or not _still_named(_mark[1], _mark[2]):
             if _mark is None:
                 atexit.register(_remove_mark)
             name, fd = create_locked(LIVENESS_PREFIX, 0)
@@ -37,9 +37,17 @@ def process_mark() -> str:
         return _mark[1]
 
 
+def _still_named(name: str, fd: int) -> bool:
+    """Whether ``name`` still names this mark (a sweep after a long pause may have removed it)."""
+    try:
+        return os.stat(_DEV_SHM + name, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
 def _remove_mark() -> None:
     """At a clean exit the mark goes at once; after a kill the server's sweep removes it."""
-    if _mark is not None and _mark[0] == os.getpid():
+    if _mark is not None and _mark[0] == os.getpid() and _still_named(_mark[1], _mark[2]):
         try:
             os.unlink(_DEV_SHM + _mark[1])
         except OSError:
@@ -63,14 +71,15 @@ class LivenessWatch:
             return False
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held (EWOULDBLOCK), or the question failed: either way, not known dead
             return True
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._dead = True
-        try:
-            os.unlink(_DEV_SHM + self.name)
+        try:  # the name may have been swept and reused since: unlink only the file we judged
+            if os.stat(_DEV_SHM + self.name, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
+                os.unlink(_DEV_SHM + self.name)
         except OSError:
             pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
         return False
 
     def __del__(self) -> None:

@@ -20,6 +20,7 @@ import fcntl
 import itertools
 import mmap
 import os
+import secrets
 import stat
 import time
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ class Segment:
 def create_locked(prefix: str, nbytes: int) -> tuple[str, int]:
     """Creates ``/dev/shm/<prefix><pid>_<n>`` of ``nbytes`` and takes a shared flock on it at once:
     (name, fd). The lock lives as long as the fd, so it dies with this process."""
-    name = f"{prefix}{os.getpid()}_{next(_counter)}"
+    # The random part: containers sharing /dev/shm reuse each other's pids.
+    name = f"{prefix}{os.getpid()}_{next(_counter)}_{secrets.token_hex(4)}"
     fd = os.open(_DEV_SHM + name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
