@@ -327,7 +327,8 @@ class MPClient:
                 registration.gpu.last = reply.event
             return reply
         blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
-        slots = self._prepare(p.PrepareStore(registration.instance_id, hashes, salt), timeout)
+        prepare = p.PrepareStore(registration.instance_id, hashes, salt)
+        slots = self.call(prepare, p.Slots, timeout, undo=_undo_slots(prepare))
         ok = [False] * len(slots.offsets)
         try:
             for i, offset in enumerate(slots.offsets):
@@ -353,7 +354,8 @@ class MPClient:
                 registration.gpu.last = reply.event
             return reply.retrieved
         blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
-        slots = self._prepare(p.PrepareRetrieve(registration.instance_id, hashes, salt), timeout)
+        prepare = p.PrepareRetrieve(registration.instance_id, hashes, salt)
+        slots = self.call(prepare, p.Slots, timeout, undo=_undo_slots(prepare))
         written = 0
         try:
             bpc = registration.blocks_per_chunk
@@ -372,20 +374,17 @@ class MPClient:
             return 0
         return written
 
-    def _prepare(self, request: p.PrepareStore | p.PrepareRetrieve, timeout: float | None) -> p.Slots:
-        """A Prepare* call whose reply, should it come after the timeout, is undone at once."""
-        future = self.submit(request, timeout)
-        future.undo = _undo_slots(request)
-        reply = future.result()
-        if not isinstance(reply, p.Slots):
-            raise ServerError(p.ErrorCode.BAD_MESSAGE, f"expected Slots, got {type(reply).__name__}")
-        return reply
-
     # --- generic --------------------------------------------------------------------------
 
-    def call(self, request: p.Request, expect: type[R], timeout: float | None = None) -> R:
-        """Sends ``request`` and waits for its reply, which must be of type ``expect``."""
-        reply = self.submit(request, timeout).result()
+    def call(
+        self, request: p.Request, expect: type[R], timeout: float | None = None,
+        undo: Callable[[p.Reply], p.Request | None] | None = None,
+    ) -> R:
+        """Sends ``request`` and waits for its reply, which must be of type ``expect``. ``undo``
+        turns a reply that arrives after the timeout into a request handing back what it granted."""
+        future = self.submit(request, timeout)
+        future.undo = undo
+        reply = future.result()
         if not isinstance(reply, expect):
             raise ServerError(p.ErrorCode.BAD_MESSAGE, f"expected {expect.__name__}, got {type(reply).__name__}")
         return reply

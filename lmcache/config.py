@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 GIB = 1 << 30
@@ -116,22 +117,13 @@ class ServerConfig:
 
     def _check_access_control(self) -> None:
         # Imported here: it pulls in zmq, which `lmcache --help` and plain configs do not need.
-        from lmcache.security import KeyFileError, check_token, load_authorized_keys, load_keypair
+        from lmcache.security import check_token, load_authorized_keys, load_keypair
 
         if (why := check_token(self.admin_token)) is not None:
             raise ConfigError("admin_token", why)  # the message never quotes the token
         if self.curve_authorized_keys and not self.curve_secret_key:
             raise ConfigError("curve_authorized_keys", "needs --curve-secret-key (the server's own key pair)")
-        try:
-            if self.curve_secret_key:
-                load_keypair(self.curve_secret_key)
-        except KeyFileError as e:
-            raise ConfigError("curve_secret_key", str(e)) from None
-        try:
-            if self.curve_authorized_keys:
-                load_authorized_keys(self.curve_authorized_keys)
-        except KeyFileError as e:
-            raise ConfigError("curve_authorized_keys", str(e)) from None
+        _check_keys(self, curve_secret_key=load_keypair, curve_authorized_keys=load_authorized_keys)
 
     @property
     def l1_size_bytes(self) -> int:
@@ -151,6 +143,19 @@ class ServerConfig:
         }
         values["admin_token"] = mask_secret(self.admin_token)
         return values
+
+
+def _check_keys(config: Any, **loaders: Callable[[Any], object]) -> None:
+    """Each named field that is set must load with its loader; a KeyFileError names the field."""
+    from lmcache.security import KeyFileError
+
+    for field, load in loaders.items():
+        value = getattr(config, field)
+        if value:
+            try:
+                load(value)
+            except KeyFileError as e:
+                raise ConfigError(field, str(e)) from None
 
 
 def _enum(kind: type[enum.Enum], field: str, value: Any) -> Any:
@@ -207,19 +212,11 @@ class ConnectorConfig:
 
     def _check_curve(self) -> None:
         # A bad key fails vLLM's start-up with a clear message rather than every request later.
-        from lmcache.security import KeyFileError, load_keypair, server_public_key
+        from lmcache.security import load_keypair, server_public_key
 
         if not self.curve_server_key:
             raise ConfigError("curve_client_secret_file", "needs lmcache.mp.curve_server_key (the server's public key)")
-        try:
-            server_public_key(self.curve_server_key)
-        except KeyFileError as e:
-            raise ConfigError("curve_server_key", str(e)) from None
-        try:
-            if self.curve_client_secret_file:
-                load_keypair(self.curve_client_secret_file)
-        except KeyFileError as e:
-            raise ConfigError("curve_client_secret_file", str(e)) from None
+        _check_keys(self, curve_server_key=server_public_key, curve_client_secret_file=load_keypair)
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> ConnectorConfig:

@@ -169,57 +169,50 @@ def _register(engine: CacheEngine, instance_id: str):
     return engine.register_kv_cache(instance_id, "m", 1, 0, layout, [], "lmcache_driven", liveness=process_mark())
 
 
-def test_registrations_are_bounded(monkeypatch) -> None:
+@pytest.fixture
+def eng():
+    """An engine for lmcache_driven registrations of make_kv's tiny model."""
+    engine = CacheEngine(ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=64))
+    yield engine
+    engine.close()
+
+
+def test_registrations_are_bounded(eng: CacheEngine, monkeypatch) -> None:
     from lmcache.server import engine as engine_module
 
-    config = ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=64)
-    eng = CacheEngine(config)
     monkeypatch.setattr(engine_module, "MAX_ENGINES", 3)
-    try:
-        for i in range(3):
-            _register(eng, f"e{i}")
-        with pytest.raises(RequestError, match="3 engines are registered already"):
-            _register(eng, "one-too-many")
-        _register(eng, "e1")  # an engine registering again is not a new one
-        eng.unregister_kv_cache("e0")
-        _register(eng, "now-there-is-room")
-        assert len(eng.status()["engines"]) == 3
-    finally:
-        eng.close()
+    for i in range(3):
+        _register(eng, f"e{i}")
+    with pytest.raises(RequestError, match="3 engines are registered already"):
+        _register(eng, "one-too-many")
+    _register(eng, "e1")  # an engine registering again is not a new one
+    eng.unregister_kv_cache("e0")
+    _register(eng, "now-there-is-room")
+    assert len(eng.status()["engines"]) == 3
 
 
-def test_a_prepare_that_holds_nothing_leaves_no_ticket() -> None:
-    config = ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=64)
-    eng = CacheEngine(config)
-    try:
-        _register(eng, "e")
-        for i in range(1000):  # a flood of misses must not grow anything
-            ticket, offsets = eng.prepare_retrieve("e", prompt(1, seed=i))
-            assert (ticket, offsets) == (0, [])
-        assert eng.status()["tickets"]["open"] == 0
-        assert eng.finish_retrieve(0) == 0
-        hashes = prompt(2, seed=5)
-        ticket, offsets, present, skipped = eng.prepare_store("e", hashes)
-        assert ticket != 0 and all(o >= 0 for o in offsets)
-        assert eng.commit_store(ticket, [True, True])[0] == 2
-        again = eng.prepare_store("e", hashes)  # both present: nothing reserved
-        assert again[0] == 0 and again[2] == 2
-        assert eng.commit_store(0, [False, False]) == (0, 0, 0)
-        assert eng.status()["tickets"]["open"] == 0
-    finally:
-        eng.close()
+def test_a_prepare_that_holds_nothing_leaves_no_ticket(eng: CacheEngine) -> None:
+    _register(eng, "e")
+    for i in range(1000):  # a flood of misses must not grow anything
+        ticket, offsets = eng.prepare_retrieve("e", prompt(1, seed=i))
+        assert (ticket, offsets) == (0, [])
+    assert eng.status()["tickets"]["open"] == 0
+    assert eng.finish_retrieve(0) == 0
+    hashes = prompt(2, seed=5)
+    ticket, offsets, present, skipped = eng.prepare_store("e", hashes)
+    assert ticket != 0 and all(o >= 0 for o in offsets)
+    assert eng.commit_store(ticket, [True, True])[0] == 2
+    again = eng.prepare_store("e", hashes)  # both present: nothing reserved
+    assert again[0] == 0 and again[2] == 2
+    assert eng.commit_store(0, [False, False]) == (0, 0, 0)
+    assert eng.status()["tickets"]["open"] == 0
 
 
-def test_a_ticket_is_only_its_engines_and_never_guessable() -> None:
-    config = ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=64)
-    eng = CacheEngine(config)
-    try:
-        _register(eng, "a")
-        _register(eng, "b")
-        ticket, offsets, _, _ = eng.prepare_store("b", prompt(2, seed=9))
-        assert ticket > 1 << 20  # random, not 1, 2, 3 ... (a replaced server's tickets must not match)
-        with pytest.raises(RequestError, match="unknown or expired"):
-            eng.commit_store(ticket, [True, True], instance_id="a")  # another engine's ticket
-        assert eng.commit_store(ticket, [True, True], instance_id="b")[0] == 2
-    finally:
-        eng.close()
+def test_a_ticket_is_only_its_engines_and_never_guessable(eng: CacheEngine) -> None:
+    _register(eng, "a")
+    _register(eng, "b")
+    ticket, offsets, _, _ = eng.prepare_store("b", prompt(2, seed=9))
+    assert ticket > 1 << 20  # random, not 1, 2, 3 ... (a replaced server's tickets must not match)
+    with pytest.raises(RequestError, match="unknown or expired"):
+        eng.commit_store(ticket, [True, True], instance_id="a")  # another engine's ticket
+    assert eng.commit_store(ticket, [True, True], instance_id="b")[0] == 2

@@ -408,11 +408,8 @@ class L1Cache:
 
     def _orphan(self, obj: L1Object) -> None:
         """Out of the index, its memory kept until release_held: an engine may still write it."""
-        if not obj.detached:
-            table = self._index.get(obj.scope)
-            if table is not None and table.get(obj.chunk_hash) is obj:
-                del table[obj.chunk_hash]
-            obj.detached = True
+        self._unindex(obj)
+        obj.detached = True
         obj.epoch += 1  # the engine's commit no longer publishes it
         obj.state = State.ORPHANED
         self._writing -= 1
@@ -421,11 +418,14 @@ class L1Cache:
 
     def _drop(self, obj: L1Object) -> None:
         """Removes an object from the index (if still there) and frees it."""
+        self._unindex(obj)
+        self._free(obj)
+
+    def _unindex(self, obj: L1Object) -> None:
         if not obj.detached:
             table = self._index.get(obj.scope)
             if table is not None and table.get(obj.chunk_hash) is obj:
                 del table[obj.chunk_hash]
-        self._free(obj)
 
     def _free(self, obj: L1Object) -> None:
         if obj.state is State.WRITING:

@@ -14,11 +14,12 @@ anyway), where the engine's pid would mean nothing to the server.
 from __future__ import annotations
 
 import atexit
-import fcntl
 import os
 import threading
 
-from lmcache.transfer.shm import LIVENESS_PREFIX, _DEV_SHM, SegmentError, create_locked, open_checked
+from lmcache.transfer.shm import (
+    LIVENESS_PREFIX, _DEV_SHM, SegmentError, create_locked, open_checked, unlink_if_abandoned,
+)
 
 _lock = threading.Lock()
 _mark: tuple[int, str, int] | None = None  # (pid, name, fd) of this process's mark
@@ -69,17 +70,9 @@ class LivenessWatch:
         """False once the engine's process is gone (then it stays False)."""
         if self._dead:
             return False
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held (EWOULDBLOCK), or the question failed: either way, not known dead
+        if not unlink_if_abandoned(self.name, self._fd):
             return True
         self._dead = True
-        try:  # the name may have been swept and reused since: unlink only the file we judged
-            if os.stat(_DEV_SHM + self.name, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
-                os.unlink(_DEV_SHM + self.name)
-        except OSError:
-            pass
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
         return False
 
     def __del__(self) -> None:

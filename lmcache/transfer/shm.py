@@ -166,6 +166,24 @@ def open_checked(name: str, prefix: str, flags: int = os.O_RDWR) -> int:
     return fd
 
 
+def unlink_if_abandoned(name: str, fd: int) -> bool:
+    """Whether nobody holds the flock of ``fd``'s file any more (its creator is gone, see
+    ``create_locked``); if so, unlinks it, but only while ``name`` still names that very file
+    (it may have been swept and reused since). An error asking counts as held."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    try:
+        if os.stat(_DEV_SHM + name, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+            os.unlink(_DEV_SHM + name)
+    except OSError:
+        pass
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
 def remove_orphan_files(prefixes: tuple[str, ...] = (SEGMENT_PREFIX, LIVENESS_PREFIX)) -> list[str]:
     """Unlinks the engines' files in /dev/shm whose creator is gone: nobody holds their flock
     (see ``create_locked``) and they are older than ORPHAN_GRACE_S. Returns their names."""
@@ -187,13 +205,7 @@ def remove_orphan_files(prefixes: tuple[str, ...] = (SEGMENT_PREFIX, LIVENESS_PR
             st = os.fstat(fd)
             if now - st.st_ctime < ORPHAN_GRACE_S:
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its creator lives
-            # Unlink only the file we judged (the name may have been reused since).
-            if os.stat(_DEV_SHM + name, follow_symlinks=False).st_ino == st.st_ino:
-                os.unlink(_DEV_SHM + name)
+            if unlink_if_abandoned(name, fd):
                 removed.append(name)
                 # A liveness mark is empty and expected after any exit that skipped atexit
                 # (forked workers); a KV segment left behind is memory an engine leaked.
