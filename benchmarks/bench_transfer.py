@@ -23,7 +23,7 @@ from lmcache.keys import prompt_hashes
 from lmcache.server.process import ServerProcess
 from lmcache.transfer.layouts import describe
 from lmcache.transfer.registered import RegisteredCache
-from lmcache.transfer.vllm_like import KVShape, make_kv
+from lmcache.testing.vllm_like import KVShape, make_kv
 
 CHUNK = 256
 

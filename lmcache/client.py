@@ -28,7 +28,8 @@ from lmcache import protocol as p
 from lmcache.config import zmq_endpoint
 from lmcache.keys import HASH_BYTES, CacheScope
 from lmcache.log import init_logger
-from lmcache.transfer.layouts import PageLayout, describe
+from lmcache.page_layout import PageLayout
+from lmcache.transfer.layouts import describe
 from lmcache.transfer.liveness import process_mark
 from lmcache.transfer.registered import RegisteredCache, storage_array
 from lmcache.transfer.shm import ARENA_PREFIX, map_segment, migrate_to_shm

@@ -1,6 +1,6 @@
 """What identifies a cached chunk: the scope it belongs to and the hash of its token prefix.
 
-A ``ChunkKey`` is (model name, world size, rank, page format, cache salt, chunk hash). The first
+A chunk is named by (model name, world size, rank, page format, cache salt, chunk hash). The first
 five form the ``CacheScope``: the same tokens under another model, another tensor-parallel
 rank, another KV page layout or another tenant's salt are different chunks. The hash is the
 prefix-chained 128-bit hash of ``_fast.hashing``, so one hash stands for a chunk's tokens and
@@ -9,14 +9,14 @@ every token before it.
 
 from __future__ import annotations
 
-from typing import Annotated, NamedTuple
+from typing import Annotated
 
 import msgspec
 import numpy as np
 
 from lmcache._fast.hashing import CHAIN_SEED, HASH_BYTES, chunk_hashes
 
-__all__ = ["CHAIN_SEED", "HASH_BYTES", "CacheScope", "ChunkKey", "chunk_keys", "prompt_hashes", "split_hashes"]
+__all__ = ["CHAIN_SEED", "HASH_BYTES", "CacheScope", "prompt_hashes", "split_hashes"]
 
 
 # Bounds every decoded message is held to before any work is done for it (see protocol.py).
@@ -34,16 +34,11 @@ class CacheScope(msgspec.Struct, frozen=True, array_like=True):
     model: Name
     world_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)] = 1
     rank: Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)] = 0
-    page_format: Name = ""  # layout, dtype, heads, head size, block size: see transfer/layouts.py
+    page_format: Name = ""  # layout, dtype, heads, head size, block size: see page_layout.py
     salt: Name = ""  # the request's cache salt: isolates tenants
 
     def for_rank(self, rank: int) -> CacheScope:
         return msgspec.structs.replace(self, rank=rank)
-
-
-class ChunkKey(NamedTuple):
-    scope: CacheScope
-    chunk_hash: bytes
 
 
 def prompt_hashes(tokens: list[int] | np.ndarray, chunk_size: int, parent: bytes | None = None) -> bytes:
@@ -56,8 +51,3 @@ def split_hashes(hashes: bytes) -> list[bytes]:
     if len(hashes) % HASH_BYTES:
         raise ValueError(f"hashes must be a multiple of {HASH_BYTES} bytes (got {len(hashes)})")
     return [hashes[i : i + HASH_BYTES] for i in range(0, len(hashes), HASH_BYTES)]
-
-
-def chunk_keys(scope: CacheScope, tokens: list[int] | np.ndarray, chunk_size: int) -> list[ChunkKey]:
-    """The keys of every full chunk of a prompt; a shorter tail has none."""
-    return [ChunkKey(scope, h) for h in split_hashes(prompt_hashes(tokens, chunk_size))]

@@ -58,8 +58,7 @@ from typing import Annotated, Any, Union
 import msgspec
 
 from lmcache.keys import MAX_REQUEST_CHUNKS, MAX_WORLD_SIZE, CacheScope, Hashes, Name
-from lmcache.transfer.layouts import MAX_BLOCKS, MAX_LAYERS, PageLayout
-from lmcache.transfer.cuda_ipc import CudaIpcStorage
+from lmcache.page_layout import MAX_BLOCKS, MAX_LAYERS, PageLayout
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_ID_BYTES = 64
@@ -72,6 +71,23 @@ _Flags = Annotated[list[bool], msgspec.Meta(max_length=MAX_REQUEST_CHUNKS)]
 _Event = Annotated[bytes, msgspec.Meta(max_length=256)]
 _Ticket = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 _Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+
+
+class TransferMode(str, enum.Enum):
+    """Who copies an engine's pages, and how (see the README's "Transfer modes")."""
+
+    ENGINE_DRIVEN = "engine_driven"  # the server maps the engine's SHM segments and copies
+    LMCACHE_DRIVEN = "lmcache_driven"  # the engine maps the server's L1 arena and copies
+    CUDA_IPC = "cuda_ipc"  # the server opens the engine's GPU memory and copies on its stream
+
+
+# cuda_ipc: one distinct storage of an engine's GPU KV tensors (see transfer/cuda_ipc.py).
+class CudaIpcStorage(msgspec.Struct, array_like=True, frozen=True):
+    device_uuid: Annotated[str, msgspec.Meta(max_length=64)]  # 32 lowercase hex digits
+    handle: Annotated[bytes, msgspec.Meta(max_length=256)]  # the IPC memory handle of the allocation holding the storage
+    offset: Annotated[int, msgspec.Meta(ge=0, le=1 << 48)]  # bytes from the start of that allocation to the storage
+    nbytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 48)]  # the storage's size
+
 
 
 class _Message(msgspec.Struct, array_like=True, frozen=True):
@@ -122,7 +138,7 @@ class RegisterKVCache(_Message, tag=8):
     rank: Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)]
     layout: PageLayout
     segments: Annotated[list[Name], msgspec.Meta(max_length=MAX_LAYERS)]  # one SHM segment per storage, in order
-    mode: Name = "engine_driven"
+    mode: TransferMode = TransferMode.ENGINE_DRIVEN
     # cuda_ipc: one per storage
     cuda: Annotated[list[CudaIpcStorage], msgspec.Meta(max_length=MAX_LAYERS)] = msgspec.field(default_factory=list)
     # lmcache_driven: a file in /dev/shm this engine holds an flock on for as long as it lives
@@ -182,6 +198,7 @@ class ErrorCode(str, enum.Enum):
     BAD_MESSAGE = "bad_message"  # the frame is not a valid message of a known type
     TOO_LARGE = "too_large"  # the request is larger than the server's limit
     BAD_REQUEST = "bad_request"  # well-formed, but its values are invalid
+    UNKNOWN_INSTANCE = "unknown_instance"  # the engine is not registered (any more): register again
     INTERNAL = "internal"  # the server failed; it keeps serving
 
 
@@ -195,7 +212,7 @@ class HelloReply(_Message, tag=101):
     protocol_version: int
     server_id: str
     chunk_size: int
-    transfer_modes: list[str]
+    transfer_modes: list[str]  # TransferMode values; strings, so an older client can read a newer server's list
 
 
 class Pong(_Message, tag=102):

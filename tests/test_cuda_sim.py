@@ -16,7 +16,7 @@ def test_cuda_kernel_matches_njit_on_every_layout() -> None:
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     checked = [line for line in out.stdout.splitlines() if line.startswith("ok ")]
-    from lmcache.transfer.vllm_like import LAYOUTS
+    from lmcache.testing.vllm_like import LAYOUTS
 
     assert sorted(line.split()[1] for line in checked) == sorted(LAYOUTS)
 
@@ -30,7 +30,7 @@ def _storage_array(storage) -> np.ndarray:
 def _compare_layout(layout_name: str) -> None:
     from lmcache._fast.kernels import copy_pages, cuda_copy_pages
     from lmcache.transfer.layouts import describe
-    from lmcache.transfer.vllm_like import KVShape, fill, make_kv
+    from lmcache.testing.vllm_like import KVShape, fill, make_kv
 
     kv = make_kv(layout_name, "bfloat16", KVShape(layers=2, blocks=8, block_size=16, heads=2, head_size=8))
     fill(kv, layout_name)
@@ -60,7 +60,7 @@ def _compare_layout(layout_name: str) -> None:
 
 
 if __name__ == "__main__":
-    from lmcache.transfer.vllm_like import LAYOUTS
+    from lmcache.testing.vllm_like import LAYOUTS
 
     for name in LAYOUTS:
         _compare_layout(name)

@@ -13,7 +13,8 @@ from lmcache._fast.pool import MemoryPool, slot_size
 from lmcache.client import MPClient, ServerError
 from lmcache.config import ServerConfig
 from lmcache.keys import CacheScope, prompt_hashes, split_hashes
-from lmcache.server.engine import CacheEngine, RequestError
+from lmcache.server.engine import CacheEngine, StoreResult
+from lmcache.server.errors import RequestError
 from lmcache.storage.l1 import State
 
 OBJ = 16 * 1024
@@ -163,10 +164,11 @@ def test_bad_lookups_get_bad_request_errors(client: MPClient, request_: p.Reques
 def _register(engine: CacheEngine, instance_id: str):
     from lmcache.transfer.layouts import describe
     from lmcache.transfer.liveness import process_mark
-    from lmcache.transfer.vllm_like import make_kv
+    from lmcache.testing.vllm_like import make_kv
 
     layout, _ = describe(make_kv("LBHNC", "float16"))
-    return engine.register_kv_cache(instance_id, "m", 1, 0, layout, [], "lmcache_driven", liveness=process_mark())
+    spec = p.RegisterKVCache(instance_id, "m", 1, 0, layout, [], p.TransferMode.LMCACHE_DRIVEN, liveness=process_mark())
+    return engine.register_kv_cache(spec)
 
 
 @pytest.fixture
@@ -178,9 +180,9 @@ def eng():
 
 
 def test_registrations_are_bounded(eng: CacheEngine, monkeypatch) -> None:
-    from lmcache.server import engine as engine_module
+    from lmcache.server import registry
 
-    monkeypatch.setattr(engine_module, "MAX_ENGINES", 3)
+    monkeypatch.setattr(registry, "MAX_ENGINES", 3)
     for i in range(3):
         _register(eng, f"e{i}")
     with pytest.raises(RequestError, match="3 engines are registered already"):
@@ -194,8 +196,8 @@ def test_registrations_are_bounded(eng: CacheEngine, monkeypatch) -> None:
 def test_a_prepare_that_holds_nothing_leaves_no_ticket(eng: CacheEngine) -> None:
     _register(eng, "e")
     for i in range(1000):  # a flood of misses must not grow anything
-        ticket, offsets = eng.prepare_retrieve("e", prompt(1, seed=i))
-        assert (ticket, offsets) == (0, [])
+        grant = eng.prepare_retrieve("e", prompt(1, seed=i))
+        assert (grant.ticket, grant.offsets) == (0, [])
     assert eng.status()["tickets"]["open"] == 0
     assert eng.finish_retrieve(0) == 0
     hashes = prompt(2, seed=5)
@@ -204,7 +206,7 @@ def test_a_prepare_that_holds_nothing_leaves_no_ticket(eng: CacheEngine) -> None
     assert eng.commit_store(ticket, [True, True])[0] == 2
     again = eng.prepare_store("e", hashes)  # both present: nothing reserved
     assert again[0] == 0 and again[2] == 2
-    assert eng.commit_store(0, [False, False]) == (0, 0, 0)
+    assert eng.commit_store(0, [False, False]) == StoreResult(0, 0, 0)
     assert eng.status()["tickets"]["open"] == 0
 
 

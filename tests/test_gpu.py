@@ -16,9 +16,10 @@ from lmcache import protocol as p
 from lmcache.client import KVRegistration, MPClient, ServerError
 from lmcache.keys import prompt_hashes
 from lmcache.server.process import ServerProcess
-from lmcache.transfer.cuda_ipc import CudaIpcStorage, export_storages
+from lmcache.protocol import CudaIpcStorage
+from lmcache.transfer.cuda_ipc import export_storages
 from lmcache.transfer.layouts import describe
-from lmcache.transfer.vllm_like import LAYOUTS, KVShape, block_dim, fill, make_kv
+from lmcache.testing.vllm_like import LAYOUTS, KVShape, block_dim, fill, make_kv
 
 
 def _have_gpu() -> bool:

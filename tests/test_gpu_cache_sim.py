@@ -16,18 +16,18 @@ def test_gpu_cache_matches_the_cpu_path_for_every_layout_and_strategy() -> None:
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     from lmcache.transfer.gpu_cache import STRATEGIES
-    from lmcache.transfer.vllm_like import LAYOUTS
+    from lmcache.testing.vllm_like import LAYOUTS
 
     checked = {tuple(line.split()[1:]) for line in out.stdout.splitlines() if line.startswith("ok ")}
     assert checked == {(layout, strategy) for layout in LAYOUTS for strategy in STRATEGIES}
 
 
 def _check(layout_name: str, strategy: str) -> None:
-    from lmcache.transfer.cuda_runtime import SimulatedRuntime
+    from lmcache.testing.simulated_gpu import SimulatedRuntime
     from lmcache.transfer.gpu_cache import GpuCache
     from lmcache.transfer.layouts import describe
     from lmcache.transfer.registered import RegisteredCache, storage_array
-    from lmcache.transfer.vllm_like import KVShape, fill, make_kv
+    from lmcache.testing.vllm_like import KVShape, fill, make_kv
 
     chunk = 32  # 2 blocks of 16 per chunk
     kv = make_kv(layout_name, "bfloat16", KVShape(layers=2, blocks=10, block_size=16, heads=2, head_size=8))
@@ -65,7 +65,7 @@ def _check(layout_name: str, strategy: str) -> None:
 
 if __name__ == "__main__":
     from lmcache.transfer.gpu_cache import STRATEGIES
-    from lmcache.transfer.vllm_like import LAYOUTS
+    from lmcache.testing.vllm_like import LAYOUTS
 
     for name in LAYOUTS:
         for strategy in STRATEGIES:

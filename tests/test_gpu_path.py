@@ -17,13 +17,15 @@ from lmcache._fast.pool import MemoryPool
 from lmcache.client import MPClient, ServerError
 from lmcache.config import ServerConfig
 from lmcache.keys import prompt_hashes
-from lmcache.server.engine import CacheEngine, RequestError
+from lmcache.server.engine import CacheEngine
+from lmcache.server.errors import RequestError
 from lmcache.server.process import ServerProcess
-from lmcache.transfer.cuda_ipc import CudaIpcStorage, IpcError, normalize_uuid, validate
-from lmcache.transfer.cuda_runtime import SimulatedRuntime
+from lmcache.protocol import CudaIpcStorage
+from lmcache.transfer.cuda_ipc import IpcError, normalize_uuid, validate
+from lmcache.testing.simulated_gpu import SimulatedRuntime
 from lmcache.transfer.layouts import describe
 from lmcache.transfer.registered import storage_array
-from lmcache.transfer.vllm_like import KVShape, fill, make_kv
+from lmcache.testing.vllm_like import KVShape, fill, make_kv
 
 GPU = "6f1c2d3e4a5b60718293a4b5c6d7e8f9"
 CHUNK = 32  # two blocks of 16
@@ -79,7 +81,7 @@ class _Engine:
         self.handles = [bytes([0x40 + i]) * 64 for i in range(len(self.arrays))]
         self.runtimes: list[SimulatedRuntime] = []
 
-        def make(device: str, arena: np.ndarray) -> SimulatedRuntime:
+        def make(device: str, arena: np.ndarray, pin: bool) -> SimulatedRuntime:
             rt = SimulatedRuntime(arena, device, dict(zip(self.handles, self.arrays)), kernel="cpu", hold=True)
             self.runtimes.append(rt)
             return rt
@@ -91,7 +93,10 @@ class _Engine:
     def register(self, instance: str = "gpu0", handles: list[bytes] | None = None) -> object:
         ipc = [CudaIpcStorage(f"GPU-{uuid.UUID(GPU)}", h, 0, a.nbytes)
                for h, a in zip(handles or self.handles, self.arrays)]
-        return self.engine.register_kv_cache(instance, "m", 1, 0, self.layout, [], "cuda_ipc", ipc)
+        self.registered = self.engine.register_kv_cache(
+            p.RegisterKVCache(instance, "m", 1, 0, self.layout, [], p.TransferMode.CUDA_IPC, ipc)
+        )
+        return self.engine.registry.get(instance)
 
 
 def _until(condition, what: str, timeout: float = 10.0) -> None:
@@ -113,7 +118,7 @@ def test_gpu_store_publishes_only_after_the_copy_and_retrieve_holds_its_locks_un
     h = _Engine()
     eng = h.engine
     reg = h.register()
-    assert eng.gpu_event_handles(reg) == h.runtimes[0].event_handles
+    assert h.registered.events == h.runtimes[0].event_handles
     hashes = prompt_hashes(random.Random(1).choices(range(50_000), k=2 * CHUNK), CHUNK)
     scope = reg.scope("")
 
@@ -181,7 +186,7 @@ def test_a_fence_names_an_event_only_for_gpu_engines() -> None:
     assert h.engine.fence("gpu0") == 0 and h.engine.fence("gpu0") == 1  # the next event each time
     with pytest.raises(RequestError, match="unknown instance"):
         h.engine.fence("nobody")
-    assert reg.mode == "cuda_ipc"
+    assert reg.mode == p.TransferMode.CUDA_IPC
     h.runtimes[0].release()
     h.engine.close()
 
@@ -207,7 +212,7 @@ def test_a_server_without_a_usable_gpu_refuses_gpu_registrations_and_keeps_servi
 
 
 def test_copies_held_up_by_a_slow_engine_keep_their_locks_renewed() -> None:
-    from lmcache.server.engine import GpuCompletions
+    from lmcache.server.devices import GpuCompletions
 
     runtime = SimulatedRuntime(np.zeros(64, dtype=np.uint8), hold=True)
     renewed: list[list] = []

@@ -16,11 +16,12 @@ from lmcache.integration.vllm.adapter import StepMetadata, StoreOp, WorkerAdapte
 from lmcache.keys import prompt_hashes
 from lmcache.server.engine import CacheEngine
 from lmcache.server.process import ServerProcess
-from lmcache.transfer.cuda_ipc import CudaIpcStorage
-from lmcache.transfer.cuda_runtime import SimulatedRuntime
+from lmcache import protocol as p
+from lmcache.protocol import CudaIpcStorage
+from lmcache.testing.simulated_gpu import SimulatedRuntime
 from lmcache.transfer.layouts import describe
 from lmcache.transfer.registered import storage_array
-from lmcache.transfer.vllm_like import KVShape, make_kv
+from lmcache.testing.vllm_like import KVShape, make_kv
 
 SHAPE = KVShape(layers=2, blocks=16, block_size=16, heads=2, head_size=8)
 
@@ -64,7 +65,7 @@ def test_a_dead_gpu_engines_mappings_are_closed() -> None:
     handles = [bytes([0x51 + i]) * 64 for i in range(len(arrays))]
     runtimes: list[SimulatedRuntime] = []
 
-    def make(device: str, arena: np.ndarray) -> SimulatedRuntime:
+    def make(device: str, arena: np.ndarray, pin: bool) -> SimulatedRuntime:
         runtimes.append(SimulatedRuntime(arena, device, dict(zip(handles, arrays)), kernel="cpu"))
         return runtimes[-1]
 
@@ -72,8 +73,8 @@ def test_a_dead_gpu_engines_mappings_are_closed() -> None:
     engine = CacheEngine(config, MemoryPool(4 << 20, slab_bytes=1 << 20, prefault=False), gpu_runtime=make)
     engine.start()
     gpu = uuid.uuid4().hex
-    engine.register_kv_cache("dead", "m", 1, 0, layout, [], "cuda_ipc",
-                             [CudaIpcStorage(gpu, h, 0, a.nbytes) for h, a in zip(handles, arrays)])
+    engine.register_kv_cache(p.RegisterKVCache("dead", "m", 1, 0, layout, [], p.TransferMode.CUDA_IPC,
+                                               [CudaIpcStorage(gpu, h, 0, a.nbytes) for h, a in zip(handles, arrays)]))
     _until(lambda: engine.status()["engines"] == [], "the dead engine's registration to be dropped")
     _until(lambda: runtimes[0].closed == handles, "its IPC mappings to be closed")
     engine.close()

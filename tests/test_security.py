@@ -20,7 +20,7 @@ from lmcache.integration.vllm.adapter import _client
 from lmcache.keys import prompt_hashes
 from lmcache.security import bearer_matches, is_loopback, is_z85_key, load_public_key
 from lmcache.server.process import ServerProcess, lmcache_command
-from lmcache.transfer.vllm_like import make_kv
+from lmcache.testing.vllm_like import make_kv
 
 TOKEN = "s3cret-admin-token-for-tests-4b1d"
 CHUNK = 64  # 4 blocks of 16 tokens: the default KVShape's 32 blocks hold 8 chunks

@@ -14,7 +14,7 @@ from lmcache import protocol as p
 from lmcache.client import MPClient
 from lmcache.keys import prompt_hashes
 from lmcache.server.process import ServerProcess
-from lmcache.transfer.vllm_like import KVShape, fill, make_kv
+from lmcache.testing.vllm_like import KVShape, fill, make_kv
 
 CHUNK = 64
 

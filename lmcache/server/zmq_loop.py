@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
@@ -25,7 +26,8 @@ from lmcache import protocol as p
 from lmcache.config import ServerConfig
 from lmcache.log import init_logger
 from lmcache.security import KeyFileError, is_loopback, load_keypair
-from lmcache.server.engine import CacheEngine, RequestError
+from lmcache.server.engine import CacheEngine, RetrieveResult, SlotGrant, StoreResult
+from lmcache.server.errors import RequestError, UnknownInstanceError
 from lmcache.server.metrics import ServerMetrics
 
 logger = init_logger(__name__)
@@ -57,28 +59,28 @@ class ZmqServer:
         self._on_failure = on_failure or (lambda reason: None)
         self._engine = engine
         self._metrics = metrics
-        self._handlers: dict[type, Callable[[p.Request], p.Reply]] = {
+        self._handlers: dict[type, Callable[[Any], p.Reply]] = {
             p.Hello: self._hello,
             p.Ping: lambda _: p.Pong(),
-            p.Status: lambda _: p.StatusReply(engine.status()),
-            p.Clear: lambda _: p.ClearReply(engine.clear()),
-            p.Lookup: lambda r: p.LookupReply(engine.lookup(r.scope, r.hashes, r.all_ranks, r.lock, r.session)),
-            p.ReleaseLocks: lambda r: p.Released(engine.release_locks(r.session, r.hashes)),
-            p.EndSession: lambda r: p.Released(engine.end_session(r.session)),
-            p.RegisterKVCache: self._register,
-            p.UnregisterKVCache: self._unregister,
-            p.Store: lambda r: p.StoreReply(*engine.store(r.instance_id, r.hashes, r.block_ids, r.salt, r.event)),
-            p.Retrieve: lambda r: p.RetrieveReply(
-                *engine.retrieve(r.instance_id, r.hashes, r.block_ids, r.skip_blocks, r.salt, r.event)
+            p.Status: lambda _: p.StatusReply(status=engine.status()),
+            p.Clear: lambda _: p.ClearReply(cleared_objects=engine.clear()),
+            p.Lookup: lambda r: p.LookupReply(
+                hit_chunks=engine.lookup(r.scope, r.hashes, r.all_ranks, r.lock, r.session)
             ),
+            p.ReleaseLocks: lambda r: p.Released(locks=engine.release_locks(r.session, r.hashes)),
+            p.EndSession: lambda r: p.Released(locks=engine.end_session(r.session)),
+            p.RegisterKVCache: lambda r: p.Registered(**engine.register_kv_cache(r)._asdict()),
+            p.UnregisterKVCache: self._unregister,
+            p.Store: lambda r: _store_reply(engine.store(r.instance_id, r.hashes, r.block_ids, r.salt, r.event)),
+            p.Retrieve: lambda r: _retrieve_reply(
+                engine.retrieve(r.instance_id, r.hashes, r.block_ids, r.skip_blocks, r.salt, r.event)
+            ),
+            p.PrepareStore: lambda r: _slots(engine.prepare_store(r.instance_id, r.hashes, r.salt)),
+            p.CommitStore: lambda r: _store_reply(engine.commit_store(r.ticket, r.ok, r.instance_id)),
+            p.PrepareRetrieve: lambda r: _slots(engine.prepare_retrieve(r.instance_id, r.hashes, r.salt)),
+            p.FinishRetrieve: lambda r: p.Released(locks=engine.finish_retrieve(r.ticket, r.instance_id)),
+            p.Fence: lambda r: p.Fenced(event=engine.fence(r.instance_id)),
         }
-        self._handlers.update({
-            p.PrepareStore: self._prepare_store,
-            p.CommitStore: lambda r: p.StoreReply(*engine.commit_store(r.ticket, r.ok, r.instance_id)),
-            p.PrepareRetrieve: lambda r: p.Slots(*engine.prepare_retrieve(r.instance_id, r.hashes, r.salt)),
-            p.FinishRetrieve: lambda r: p.Released(engine.finish_retrieve(r.ticket, r.instance_id)),
-            p.Fence: lambda r: p.Fenced(engine.fence(r.instance_id)),
-        })
         # Slow requests run off the loop thread: copies on the workers, (un)registration on a
         # thread of its own (mapping SHM segments or pinning L1 for a GPU can take seconds, and
         # must not queue behind other engines' copies). A Fence or an Unregister runs after
@@ -294,6 +296,8 @@ class ZmqServer:
         else:
             try:
                 return self._handlers[type(request)](request)
+            except UnknownInstanceError as e:
+                reply = p.Error(p.ErrorCode.UNKNOWN_INSTANCE, str(e))
             except RequestError as e:
                 reply = p.Error(p.ErrorCode.BAD_REQUEST, str(e))
             except Exception as e:  # a bug in a handler must not take the loop down
@@ -304,19 +308,6 @@ class ZmqServer:
         return reply
 
     # --- handlers -------------------------------------------------------------------------
-
-    def _register(self, r: p.RegisterKVCache) -> p.Registered:
-        reg = self._engine.register_kv_cache(
-            r.instance_id, r.model, r.world_size, r.rank, r.layout, r.segments, r.mode, r.cuda, r.liveness
-        )
-        pool = self._engine.l1.pool
-        arena = (pool.shm_name, pool.size) if reg.mode == "lmcache_driven" else ("", 0)
-        return p.Registered(reg.page_format, reg.blocks_per_chunk, reg.object_bytes, *arena,
-                            events=self._engine.gpu_event_handles(reg))
-
-    def _prepare_store(self, r: p.PrepareStore) -> p.Slots:
-        ticket, offsets, present, skipped = self._engine.prepare_store(r.instance_id, r.hashes, r.salt)
-        return p.Slots(ticket, offsets, present, skipped)
 
     def _unregister(self, r: p.UnregisterKVCache) -> p.Unregistered:
         self._engine.unregister_kv_cache(r.instance_id)
@@ -330,5 +321,18 @@ class ZmqServer:
             protocol_version=p.PROTOCOL_VERSION,
             server_id=self._engine.server_id,
             chunk_size=self._config.chunk_size,
-            transfer_modes=list(self._engine.transfer_modes),
+            transfer_modes=[m.value for m in self._engine.transfer_modes],
         )
+
+
+# Replies are built by keyword from named results: a reordered field can never change the wire.
+def _store_reply(r: StoreResult) -> p.StoreReply:
+    return p.StoreReply(stored=r.stored, present=r.present, skipped=r.skipped, event=r.event)
+
+
+def _retrieve_reply(r: RetrieveResult) -> p.RetrieveReply:
+    return p.RetrieveReply(retrieved=r.retrieved, event=r.event)
+
+
+def _slots(g: SlotGrant) -> p.Slots:
+    return p.Slots(ticket=g.ticket, offsets=g.offsets, present=g.present, skipped=g.skipped)

@@ -21,9 +21,6 @@ class Policy(Protocol):
     def remove(self, item: Hashable) -> None:
         """``item`` is no longer evictable; unknown items are ignored."""
 
-    def touch(self, item: Hashable) -> None:
-        """``item`` was used; unknown items are ignored."""
-
     def victim(self) -> Hashable | None:
         """The item to evict next (not removed), or None when nothing is evictable."""
 
@@ -44,10 +41,6 @@ class LRUPolicy:
 
     def remove(self, item: Hashable) -> None:
         self._order.pop(item, None)
-
-    def touch(self, item: Hashable) -> None:
-        if item in self._order:
-            self._order.move_to_end(item)
 
     def victim(self) -> Hashable | None:
         return next(iter(self._order), None)

@@ -301,10 +301,6 @@ class L1Cache:
         with self._lock:
             return [obj for table in self._index.values() for obj in table.values()]
 
-    def expire(self) -> None:
-        with self._lock:
-            self._expire()
-
     def stats(self) -> dict[str, int]:
         with self._lock:
             self._expire()

@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Any
 
-import msgspec
+from lmcache.protocol import CudaIpcStorage
 
 HANDLE_BYTES = 64  # cudaIpcMemHandle_t and cudaIpcEventHandle_t
 _UUID = re.compile(r"^[0-9a-f]{32}$")
@@ -26,13 +26,6 @@ _UUID = re.compile(r"^[0-9a-f]{32}$")
 
 class IpcError(ValueError):
     """A CUDA IPC description the server cannot use; the message says why."""
-
-
-class CudaIpcStorage(msgspec.Struct, array_like=True, frozen=True):
-    device_uuid: Annotated[str, msgspec.Meta(max_length=64)]  # 32 lowercase hex digits
-    handle: Annotated[bytes, msgspec.Meta(max_length=256)]  # the IPC memory handle of the allocation holding the storage
-    offset: Annotated[int, msgspec.Meta(ge=0, le=1 << 48)]  # bytes from the start of that allocation to the storage
-    nbytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 48)]  # the storage's size
 
 
 def normalize_uuid(value: Any) -> str:

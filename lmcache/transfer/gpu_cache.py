@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lmcache._fast.kernels import cuda_word
-from lmcache.transfer.layouts import PageLayout
+from lmcache.page_layout import PageLayout
 from lmcache.transfer.registered import PagePlan
 
 STRATEGIES = ("staging", "mapped")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lmcache._fast.kernels import copy_pages
-from lmcache.transfer.layouts import PageLayout
+from lmcache.page_layout import PageLayout
 
 
 def storage_array(storage) -> np.ndarray:

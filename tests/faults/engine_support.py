@@ -19,7 +19,7 @@ import torch
 
 from lmcache.client import MPClient
 from lmcache.keys import HASH_BYTES, prompt_hashes, split_hashes
-from lmcache.transfer.vllm_like import make_kv
+from lmcache.testing.vllm_like import make_kv
 
 CHUNK = 64  # 4 blocks of 16 tokens
 BPC = 4  # blocks per chunk

@@ -183,7 +183,7 @@ class Canary:
 
     @classmethod
     def store(cls, server: ServerProcess) -> Canary:
-        from lmcache.transfer.vllm_like import block_bytes, fill, make_kv
+        from lmcache.testing.vllm_like import block_bytes, fill, make_kv
 
         client = MPClient("127.0.0.1", server.port, timeout_s=10)
         kv = make_kv("LBHNC", "bfloat16")
@@ -198,7 +198,7 @@ class Canary:
 
     def check(self) -> None:
         """Zeroes the engine's blocks, loads the chunks back and compares every byte."""
-        from lmcache.transfer.vllm_like import block_bytes
+        from lmcache.testing.vllm_like import block_bytes
 
         for t in self.kv:
             t.zero_()

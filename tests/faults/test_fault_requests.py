@@ -33,8 +33,8 @@ from lmcache import protocol as p
 from lmcache.client import KVRegistration, MPClient
 from lmcache.keys import CacheScope
 from lmcache.server.process import ServerProcess
-from lmcache.transfer.cuda_ipc import CudaIpcStorage
-from lmcache.transfer.layouts import LayerPages, PageLayout
+from lmcache.protocol import CudaIpcStorage
+from lmcache.page_layout import LayerPages, PageLayout
 
 ENGINE_VICTIM = "fault-victim-engine"  # engine_driven: Store, Retrieve, Fence reach the copy code
 LMCACHE_VICTIM = "fault-victim-lmcache"  # lmcache_driven: PrepareStore, PrepareRetrieve, tickets
@@ -168,7 +168,7 @@ class Victims:
 
     @classmethod
     def register(cls, server: ServerProcess) -> Victims:
-        from lmcache.transfer.vllm_like import make_kv
+        from lmcache.testing.vllm_like import make_kv
 
         client = MPClient("127.0.0.1", server.port, timeout_s=10)
         kv = [*make_kv("LBHNC", "bfloat16"), *make_kv("LBNHC", "bfloat16")]

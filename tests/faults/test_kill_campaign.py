@@ -45,7 +45,7 @@ from lmcache import protocol as p
 from lmcache.client import MPClient, ServerError, ServerUnavailableError
 from lmcache.keys import HASH_BYTES, split_hashes
 from lmcache.server.process import ServerProcess, free_port
-from lmcache.transfer.vllm_like import make_kv
+from lmcache.testing.vllm_like import make_kv
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("engine_driven", "lmcache_driven")

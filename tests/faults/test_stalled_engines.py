@@ -25,7 +25,7 @@ from lmcache import protocol as p
 from lmcache.client import MPClient, ServerError, ServerUnavailableError
 from lmcache.keys import HASH_BYTES
 from lmcache.server.process import ServerProcess
-from lmcache.transfer.vllm_like import make_kv
+from lmcache.testing.vllm_like import make_kv
 
 # --- the engine processes (spawned; each stops itself where the test needs it) ------------------
 
