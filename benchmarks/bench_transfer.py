@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from lmcache.client import MPClient
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.keys import prompt_hashes
 from lmcache.server.process import ServerProcess
 from lmcache.transfer.layouts import describe
@@ -87,7 +88,7 @@ def test_end_to_end(benchmark, operation: str, mode: str) -> None:
         kv = make_kv("LBHNC", "bfloat16", shape)
         for t in kv:
             t.random_(0, 100)
-        reg = client.register_kv_caches(kv, model="bench-32-layer", mode=mode)
+        reg = register_kv_caches(client, kv, model="bench-32-layer", mode=mode)
         rng = random.Random(0)
         block_ids = rng.sample(range(shape.blocks), blocks_per_prompt)
 
@@ -96,16 +97,16 @@ def test_end_to_end(benchmark, operation: str, mode: str) -> None:
 
         if operation == "store":
             def store() -> None:
-                assert client.store(reg, fresh_prompt(), block_ids).stored == tokens_per_prompt // CHUNK
+                assert reg.store(fresh_prompt(), block_ids).stored == tokens_per_prompt // CHUNK
 
             benchmark.pedantic(store, rounds=1 if benchmark.disabled else 10, warmup_rounds=0 if benchmark.disabled else 2)
         else:
             hashes = fresh_prompt()
-            client.store(reg, hashes, block_ids)
+            reg.store(hashes, block_ids)
             targets = rng.sample(range(shape.blocks), blocks_per_prompt)
 
             def retrieve() -> None:
-                assert client.retrieve(reg, hashes, targets) == tokens_per_prompt // CHUNK
+                assert reg.retrieve(hashes, targets).retrieved == tokens_per_prompt // CHUNK
 
             benchmark.pedantic(retrieve, rounds=1 if benchmark.disabled else 10, warmup_rounds=0 if benchmark.disabled else 2)
     ceiling = memcpy_gbps(prompt_bytes, rounds=5)

@@ -1,5 +1,7 @@
 """MPClient: how everything outside the server talks to it (connector, simulator, CLI, tests).
 
+RPC only: a socket, futures and typed calls. Moving an engine's pages is kv_transfer.py's job.
+
 One DEALER socket. Each request gets a fresh request id and a ``ReplyFuture``; replies are
 matched by id, so requests may be in flight concurrently and answered in any order. There is
 no I/O thread: ZMQ sockets are not thread-safe, so whichever caller is waiting drives the
@@ -14,11 +16,9 @@ reconnects by itself when the server comes back.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import zmq
@@ -26,13 +26,8 @@ import zmq
 from lmcache import __version__
 from lmcache import protocol as p
 from lmcache.config import zmq_endpoint
-from lmcache.keys import HASH_BYTES, CacheScope
+from lmcache.keys import CacheScope
 from lmcache.log import init_logger
-from lmcache.page_layout import PageLayout
-from lmcache.transfer.layouts import describe
-from lmcache.transfer.liveness import process_mark
-from lmcache.transfer.registered import RegisteredCache, storage_array
-from lmcache.transfer.shm import ARENA_PREFIX, map_segment, migrate_to_shm
 
 logger = init_logger(__name__)
 
@@ -42,19 +37,6 @@ R = TypeVar("R", bound=p.Reply)
 _POLL_SLICE_S = 0.005
 # Timed-out requests whose late replies are still undone, at most.
 _MAX_LATE = 1024
-
-
-def _undo_slots(request: p.PrepareStore | p.PrepareRetrieve) -> Callable[[p.Reply], p.Request | None]:
-    """For a Prepare* whose Slots arrive too late: commit nothing, or release the locks."""
-
-    def undo(reply: p.Reply) -> p.Request | None:
-        if not isinstance(reply, p.Slots):
-            return None
-        if isinstance(request, p.PrepareStore):
-            return p.CommitStore(reply.ticket, [False] * len(reply.offsets), request.instance_id)
-        return p.FinishRetrieve(reply.ticket, request.instance_id)
-
-    return undo
 
 
 class ServerUnavailableError(ConnectionError):
@@ -73,7 +55,7 @@ class ServerError(RuntimeError):
 class ReplyFuture:
     """The pending reply to one request."""
 
-    __slots__ = ("_client", "_deadline", "_done", "_event", "_reply", "done_at", "request_id", "undo")
+    __slots__ = ("_client", "_deadline", "_done", "_event", "_reply", "done_at", "request_id", "sent_at", "undo")
 
     def __init__(self, client: MPClient, request_id: bytes, deadline: float) -> None:
         self._client = client
@@ -81,6 +63,7 @@ class ReplyFuture:
         self._event: threading.Event | None = None  # made only if a thread waits on another's pump
         self._reply: p.Reply | BaseException | None = None
         self._done = False
+        self.sent_at = time.monotonic()
         self.done_at = 0.0  # time.monotonic() when the reply (or failure) was taken in
         self.request_id = request_id
         # What to send back if the reply comes after its caller gave up: a request that hands
@@ -130,33 +113,6 @@ class ReplyFuture:
         self._event.wait(timeout_s)
 
 
-@dataclass(frozen=True)
-class _EngineCopier:
-    """lmcache_driven: this process's own pages and the server's L1 arena, mapped here."""
-
-    cache: RegisteredCache
-    arena: Any  # numpy uint8 array over the arena
-
-
-@dataclass(frozen=True)
-class KVRegistration:
-    """What the server answered to a registration; the engine side keeps it to store and load."""
-
-    instance_id: str
-    model: str
-    world_size: int
-    rank: int
-    layout: PageLayout
-    page_format: str
-    blocks_per_chunk: int
-    mode: str = "engine_driven"
-    copier: _EngineCopier | None = None
-    gpu: Any = None  # cuda_ipc: the engine's GpuSync
-
-    def scope(self, salt: str = "") -> CacheScope:
-        return CacheScope(self.model, self.world_size, self.rank, self.page_format, salt)
-
-
 def _curve_keys(
     server_key: str | bytes | None, client_secret_file: str | None
 ) -> tuple[bytes, bytes, bytes] | None:
@@ -179,13 +135,16 @@ class MPClient:
         *,
         curve_server_key: str | bytes | None = None,
         curve_client_secret_file: str | None = None,
+        observe: Callable[[p.Request, ReplyFuture], None] | None = None,
     ) -> None:
         """``curve_server_key`` (z85 text or the path of the server's certificate) turns on
         CurveZMQ for a server started with ``--curve-secret-key``; ``curve_client_secret_file``
         (a .key_secret file) is this client's identity for ``--curve-authorized-keys``. A bad
-        key raises ``lmcache.security.KeyFileError`` (a ValueError) here, before any I/O."""
+        key raises ``lmcache.security.KeyFileError`` (a ValueError) here, before any I/O.
+        ``observe(request, future)`` sees every request sent (the simulator times Lookups)."""
         self.endpoint = zmq_endpoint(host, port)
         self.timeout_s = timeout_s
+        self._observe = observe
         curve = _curve_keys(curve_server_key, curve_client_secret_file)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -234,147 +193,6 @@ class MPClient:
     def end_session(self, session: str, timeout: float | None = None) -> int:
         return self.call(p.EndSession(session), p.Released, timeout).locks
 
-    # --- the engine side: registered KV caches ----------------------------------------------
-
-    def register_kv_caches(
-        self,
-        tensors: Sequence[Any],
-        model: str,
-        world_size: int = 1,
-        rank: int = 0,
-        instance_id: str | None = None,
-        kv_split: str | None = None,
-        mode: str = "auto",
-        timeout: float | None = None,
-    ) -> KVRegistration:
-        """Registers vLLM's per-layer KV tensors.
-
-        GPU tensors are always registered in ``cuda_ipc`` mode: the server opens them over CUDA
-        IPC and copies on its own stream. For CPU tensors, ``mode``: ``engine_driven`` moves the tensors' storages into POSIX SHM segments (the
-        tensors keep working and keep their contents) and the server copies pages itself; the
-        segment names are unlinked once the server has answered, so nothing is left behind if
-        either side dies. ``lmcache_driven`` keeps the tensors where they are: this process
-        copies pages into and out of the server's L1 arena, which it maps. ``auto`` picks
-        lmcache_driven when the server offers it, else engine_driven.
-        """
-        logger.info("Registering kv caches!")
-        tensors = list(tensors)
-        if tensors and getattr(tensors[0], "is_cuda", False):
-            return self._register_gpu(tensors, model, world_size, rank, instance_id, kv_split, mode, timeout)
-        if mode not in ("auto", "engine_driven", "lmcache_driven"):
-            raise ValueError(f"unknown transfer mode {mode!r} (auto, engine_driven, lmcache_driven)")
-        offered = self.hello(client_name="kv-engine", timeout=timeout).transfer_modes
-        picked = "lmcache_driven" if "lmcache_driven" in offered else "engine_driven"
-        if mode == "auto":
-            mode = picked
-        elif mode != picked:
-            logger.info("Transfer mode %s (overridden; auto would pick %s)", mode, picked)
-        logger.info("Creating transfer context (device_type=cpu, mode=%s)", mode)
-        layout, storages = describe(tensors, kv_split)
-        instance_id = instance_id or f"{os.getpid()}"
-        segments = migrate_to_shm(tensors, storages) if mode == "engine_driven" else []
-        liveness = process_mark() if mode == "lmcache_driven" else ""
-        try:
-            request = p.RegisterKVCache(
-                instance_id, model, world_size, rank, layout, [s.name for s in segments], mode, liveness=liveness
-            )
-            reply = self.call(request, p.Registered, timeout)
-        finally:
-            for segment in segments:
-                segment.unlink()
-        copier = None
-        if mode == "lmcache_driven":
-            arena = map_segment(reply.l1_segment, reply.l1_bytes, prefix=ARENA_PREFIX)
-            chunk_size = reply.blocks_per_chunk * layout.block_size
-            copier = _EngineCopier(RegisteredCache(layout, [storage_array(s) for s in storages], chunk_size), arena)
-        return KVRegistration(
-            instance_id, model, world_size, rank, layout, reply.page_format, reply.blocks_per_chunk, mode, copier
-        )
-
-    def _register_gpu(
-        self, tensors: list[Any], model: str, world_size: int, rank: int, instance_id: str | None,
-        kv_split: str | None, mode: str, timeout: float | None,
-    ) -> KVRegistration:
-        from lmcache.transfer.cuda_engine import GpuSync
-        from lmcache.transfer.cuda_ipc import export_storages
-
-        if mode not in ("auto", "cuda_ipc"):
-            raise ValueError(f"GPU KV caches are registered in cuda_ipc mode, not {mode!r}")
-        logger.info("Creating transfer context (device_type=cuda, mode=cuda_ipc)")
-        layout, storages = describe(tensors, kv_split)
-        instance_id = instance_id or f"{os.getpid()}"
-        request = p.RegisterKVCache(instance_id, model, world_size, rank, layout, [], "cuda_ipc", export_storages(storages))
-        reply = self.call(request, p.Registered, timeout)
-        gpu = GpuSync(tensors[0].device, reply.events)
-        return KVRegistration(
-            instance_id, model, world_size, rank, layout, reply.page_format, reply.blocks_per_chunk, "cuda_ipc", gpu=gpu
-        )
-
-    def unregister_kv_caches(self, registration: KVRegistration, timeout: float | None = None) -> None:
-        self.call(p.UnregisterKVCache(registration.instance_id), p.Unregistered, timeout)
-
-    def store(
-        self, registration: KVRegistration, hashes: bytes, block_ids: Sequence[int], salt: str = "",
-        timeout: float | None = None, event: bytes | None = None,
-    ) -> p.StoreReply:
-        """Copies the chunks ``hashes`` from ``block_ids`` (blocks_per_chunk per chunk) into L1."""
-        copier = registration.copier
-        if copier is None:
-            if registration.gpu is not None and event is None:
-                event = registration.gpu.ready()  # on this thread's stream: pass ``event`` from vLLM's
-            request = p.Store(registration.instance_id, hashes, list(block_ids), salt, event or b"")
-            reply = self.call(request, p.StoreReply, timeout)
-            if registration.gpu is not None:
-                registration.gpu.last = reply.event
-            return reply
-        blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
-        prepare = p.PrepareStore(registration.instance_id, hashes, salt)
-        slots = self.call(prepare, p.Slots, timeout, undo=_undo_slots(prepare))
-        ok = [False] * len(slots.offsets)
-        try:
-            for i, offset in enumerate(slots.offsets):
-                if offset >= 0:
-                    copier.cache.gather(blocks[i], copier.arena, offset)
-                    ok[i] = True
-        finally:
-            reply = self.call(p.CommitStore(slots.ticket, ok, registration.instance_id), p.StoreReply, timeout)
-        return p.StoreReply(reply.stored, slots.present, slots.skipped)
-
-    def retrieve(
-        self, registration: KVRegistration, hashes: bytes, block_ids: Sequence[int], skip_blocks: int = 0,
-        salt: str = "", timeout: float | None = None, event: bytes | None = None,
-    ) -> int:
-        """Copies the leading cached chunks into ``block_ids``; returns how many were written."""
-        copier = registration.copier
-        if copier is None:
-            if registration.gpu is not None and event is None:
-                event = registration.gpu.ready()  # on this thread's stream: pass ``event`` from vLLM's
-            request = p.Retrieve(registration.instance_id, hashes, list(block_ids), skip_blocks, salt, event or b"")
-            reply = self.call(request, p.RetrieveReply, timeout)
-            if registration.gpu is not None:
-                registration.gpu.last = reply.event
-            return reply.retrieved
-        blocks = copier.cache.check_blocks(len(hashes) // HASH_BYTES, block_ids)
-        prepare = p.PrepareRetrieve(registration.instance_id, hashes, salt)
-        slots = self.call(prepare, p.Slots, timeout, undo=_undo_slots(prepare))
-        written = 0
-        try:
-            bpc = registration.blocks_per_chunk
-            for i, offset in enumerate(slots.offsets):
-                copier.cache.scatter(copier.arena, offset, blocks[i], max(0, skip_blocks - i * bpc))
-                written += 1
-        finally:
-            released = self.call(p.FinishRetrieve(slots.ticket, registration.instance_id), p.Released, timeout).locks
-        if released != len(slots.offsets):
-            # A lock expired while this process copied (it was paused longer than the lock TTL):
-            # the slot may have held another chunk by then. Nothing copied counts as loaded.
-            logger.warning(
-                "Load of %d chunk(s) discarded: %d of their locks expired during the copy",
-                len(slots.offsets), len(slots.offsets) - released,
-            )
-            return 0
-        return written
-
     # --- generic --------------------------------------------------------------------------
 
     def call(
@@ -396,7 +214,10 @@ class MPClient:
         With ``wait_to_send=False`` it never waits for a connection: if the server is not
         connected it raises ServerUnavailableError at once (for callers that must not block).
         """
-        return self.submit_frames([p.encode(request)], timeout, wait_to_send)
+        future = self.submit_frames([p.encode(request)], timeout, wait_to_send)
+        if self._observe is not None:
+            self._observe(request, future)
+        return future
 
     def submit_frames(self, frames: list[bytes], timeout: float | None = None, wait_to_send: bool = True) -> ReplyFuture:
         """Sends pre-encoded message frames (the message and any bulk frames)."""

@@ -36,6 +36,7 @@ def main() -> int:
     import torch
 
     from lmcache.client import MPClient
+    from lmcache.kv_transfer import register_kv_caches
     from lmcache.keys import prompt_hashes
     from lmcache.server.process import ServerProcess
     from lmcache.transfer.cuda_ipc import normalize_uuid
@@ -89,30 +90,31 @@ def main() -> int:
     for strategy in STRATEGIES:
         with ServerProcess(l1_size_gb=4, extra_args=["--chunk-size", str(chunk), "--gpu-copy", strategy]) as server, \
                 MPClient("127.0.0.1", server.port, timeout_s=60) as client:
-            reg = client.register_kv_caches(kv, "bench", instance_id=f"bench-{strategy}")
+            reg = register_kv_caches(client, kv, "bench", instance_id=f"bench-{strategy}")
             src = blocks.ravel().tolist()
             dst = (blocks + n_chunks * 16).ravel().tolist()
 
             def wait(event: int) -> None:
-                while not reg.gpu.done(event):
+                while not reg.copied(event):
                     pass
 
             prompts = [prompt_hashes(random.choices(range(50_000), k=n_chunks * chunk), chunk) for _ in range(8)]
 
             def store() -> None:  # a fresh prompt each time (hashed beforehand): every chunk is copied
-                wait(client.store(reg, prompts.pop(), src).event)
+                wait(reg.store(prompts.pop(), src).event)
 
             figures[f"server_store_{strategy}_gbps"] = nbytes / _median(store) / 1e9
             client.clear()
             hashes = prompt_hashes(random.choices(range(50_000), k=n_chunks * chunk), chunk)
-            wait(client.store(reg, hashes, src).event)
+            wait(reg.store(hashes, src).event)
             deadline = time.monotonic() + 30
             while client.lookup(reg.scope(), hashes) < n_chunks and time.monotonic() < deadline:
                 time.sleep(0.001)
 
             def retrieve() -> None:
-                assert client.retrieve(reg, hashes, dst) == n_chunks
-                wait(reg.gpu.last)
+                retrieved, event = reg.retrieve(hashes, dst)
+                assert retrieved == n_chunks
+                wait(event)
 
             figures[f"server_retrieve_{strategy}_gbps"] = nbytes / _median(retrieve) / 1e9
             ok = all(
@@ -120,7 +122,7 @@ def main() -> int:
                 for t in kv for s, d in zip(src, dst)
             )
             figures[f"server_round_trip_{strategy}_byte_exact"] = ok
-            client.unregister_kv_caches(reg)
+            reg.unregister()
 
     for key in [k for k in figures if k.endswith("_gbps") and not k.startswith("memcpy")]:
         ceiling = figures["memcpy_d2h_gbps"] if ("gather" in key or "store" in key) else figures["memcpy_h2d_gbps"]

@@ -23,7 +23,8 @@ from lmcache.config import ConnectorConfig, strip_scheme
 from lmcache.integration.vllm.adapter import SchedulerAdapter
 from sim.blocks import BlockPool, block_hashes
 from sim.model import ModelSpec
-from sim.worker import Mismatch, Span, StepResult, Transfers, WorkerProcess
+from lmcache.kv_transfer import TransferStats
+from sim.worker import Mismatch, Span, StepResult, WorkerProcess
 from sim.workloads import VOCAB
 
 
@@ -58,26 +59,22 @@ class _Req:
     send_ranks: set[int] = field(default_factory=set)
 
 
-class _LookupTimer(MPClient):
-    """The scheduler adapter's client, noting when each Lookup was sent and answered."""
+class _LookupTimes:
+    """Notes, as the scheduler adapter's client sends them, when each Lookup was sent and answered."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pending: dict[str, tuple[float, ReplyFuture]] = {}
+    def __init__(self) -> None:
+        self.pending: dict[str, ReplyFuture] = {}
 
-    def submit(self, request: p.Request, timeout: float | None = None, wait_to_send: bool = True) -> ReplyFuture:
-        sent = time.monotonic()
-        future = super().submit(request, timeout, wait_to_send)
+    def observe(self, request: p.Request, future: ReplyFuture) -> None:
         if isinstance(request, p.Lookup):
-            self.pending[request.session] = (sent, future)
-        return future
+            self.pending[request.session] = future
 
     def answered_ms(self) -> list[float]:
         done = []
-        for session, (sent, future) in list(self.pending.items()):
+        for session, future in list(self.pending.items()):
             if future.done():
                 del self.pending[session]
-                done.append((future.done_at - sent) * 1000)
+                done.append((future.done_at - future.sent_at) * 1000)
         return done
 
 
@@ -96,7 +93,9 @@ class SimEngine:
         ]
         for w in self.workers:
             w.ready()
-        self.client = _LookupTimer(strip_scheme(config.host), config.port, timeout_s=config.timeout_s)
+        self.lookups = _LookupTimes()
+        self.client = MPClient(strip_scheme(config.host), config.port, timeout_s=config.timeout_s,
+                               observe=self.lookups.observe)
         self.scheduler = SchedulerAdapter(config, spec.name, ranks, spec.block_size, client=self.client)
         self.pool = BlockPool(spec.num_blocks, prefix_caching)
         self.waiting: deque[_Req] = deque()
@@ -172,7 +171,7 @@ class SimEngine:
             if self._computed(req, n):
                 done.append(req.req_id)
         self._scheduled = []
-        self.stats.lookup_ms.extend(self.client.answered_ms())
+        self.stats.lookup_ms.extend(self.lookups.answered_ms())
         return done
 
     # --- the scheduler's bookkeeping ---------------------------------------------------------
@@ -250,7 +249,7 @@ class SimEngine:
             self.pool.free(req.blocks)
         return True
 
-    def close(self) -> list[Transfers]:
+    def close(self) -> list[TransferStats]:
         transfers = [w.close() for w in self.workers]
         self.scheduler.close()
         return transfers

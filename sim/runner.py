@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from sim.engine import SimEngine
-from sim.worker import Mismatch, Transfers
+from lmcache.kv_transfer import TransferStats
+from sim.worker import Mismatch
 from sim.workloads import SimRequest
 
 
@@ -85,7 +86,7 @@ def memcpy_gbps(nbytes: int) -> float:
     return nbytes / best / 1e9
 
 
-def report(engines: list[SimEngine], transfers: list[list[Transfers]], wall: float, evictions: int) -> dict[str, Any]:
+def report(engines: list[SimEngine], transfers: list[list[TransferStats]], wall: float, evictions: int) -> dict[str, Any]:
     """The run in figures. Bytes count every rank; the GB/s divide them by the time the I/O
     threads spent moving them (ranks of one engine move at the same time: their slowest counts)."""
     stats = [e.stats for e in engines]

@@ -21,6 +21,7 @@ from lmcache import protocol as p
 from lmcache.client import MPClient
 from lmcache.config import ConnectorConfig, strip_scheme
 from lmcache.integration.vllm.adapter import StepMetadata, WorkerAdapter
+from lmcache.kv_transfer import TransferStats
 from sim.model import ModelSpec, kv_values, spans, token_view
 
 
@@ -57,38 +58,6 @@ class StepResult:
 
 
 @dataclass
-class Transfers:
-    """What this rank's I/O thread moved, and the time it spent moving it."""
-
-    stored_chunks: int = 0
-    store_seconds: float = 0.0
-    retrieved_chunks: int = 0
-    retrieve_seconds: float = 0.0
-
-
-class _TimedClient(MPClient):
-    """The adapter's own client, timing the transfers it runs (on the adapter's I/O thread)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.transfers = Transfers()
-
-    def store(self, *args: Any, **kwargs: Any) -> p.StoreReply:
-        t = time.perf_counter()
-        reply = super().store(*args, **kwargs)
-        self.transfers.store_seconds += time.perf_counter() - t
-        self.transfers.stored_chunks += reply.stored
-        return reply
-
-    def retrieve(self, *args: Any, **kwargs: Any) -> int:
-        t = time.perf_counter()
-        written = super().retrieve(*args, **kwargs)
-        self.transfers.retrieve_seconds += time.perf_counter() - t
-        self.transfers.retrieved_chunks += written
-        return written
-
-
-@dataclass
 class SimWorker:
     spec: ModelSpec
     config: ConnectorConfig
@@ -102,8 +71,8 @@ class SimWorker:
         self.kv = self.spec.make_kv()
         for t in self.kv:  # touch every page now, as a warmed-up engine has: no first-touch faults later
             t.fill_(0)
-        self.client = _TimedClient(strip_scheme(self.config.host), self.config.port, timeout_s=self.config.timeout_s)
-        self.adapter = WorkerAdapter(self.config, self.spec.name, self.world_size, self.rank, client=self.client,
+        client = MPClient(strip_scheme(self.config.host), self.config.port, timeout_s=self.config.timeout_s)
+        self.adapter = WorkerAdapter(self.config, self.spec.name, self.world_size, self.rank, client=client,
                                      instance_id=self.instance_id)
         self.adapter.register(self.kv)
 
@@ -148,9 +117,10 @@ class SimWorker:
                                           int(bad[0]), int(bad.size)))
         return found
 
-    def close(self) -> Transfers:
+    def close(self) -> TransferStats:
+        stats = self.adapter.transfer_stats or TransferStats()
         self.adapter.close()
-        return self.client.transfers
+        return stats
 
 
 def _serve(conn: Any, kwargs: dict[str, Any]) -> None:
@@ -194,7 +164,7 @@ class WorkerProcess:
     def result(self) -> StepResult:
         return self._receive()
 
-    def close(self) -> Transfers:
+    def close(self) -> TransferStats:
         self._conn.send(None)
         transfers = self._receive()
         self.proc.join(10)

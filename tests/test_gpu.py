@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from lmcache import protocol as p
-from lmcache.client import KVRegistration, MPClient, ServerError
+from lmcache.client import MPClient, ServerError
+from lmcache.kv_transfer import KVTransfer, register_kv_caches
 from lmcache.keys import prompt_hashes
 from lmcache.server.process import ServerProcess
 from lmcache.protocol import CudaIpcStorage
@@ -56,8 +57,8 @@ def _block(t, layout: str, block: int):
     return page.contiguous().view(torch.uint8)
 
 
-def _wait_copies(reg: KVRegistration, event: int) -> None:
-    _until(lambda: reg.gpu.done(event), "the server's GPU copy")
+def _wait_copies(reg: KVTransfer, event: int) -> None:
+    _until(lambda: reg.copied(event), "the server's GPU copy")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -67,24 +68,24 @@ def test_round_trip_between_processes_is_byte_exact(server: ServerProcess, layou
     kv = make_kv(layout, "bfloat16", SHAPE, device="cuda")
     fill(kv, layout, seed=3)
     with MPClient("127.0.0.1", server.port, timeout_s=30) as client:
-        reg = client.register_kv_caches(kv, f"m-{layout}", instance_id=f"gpu-{layout}-{uuid.uuid4().hex[:6]}")
+        reg = register_kv_caches(client, kv, f"m-{layout}", instance_id=f"gpu-{layout}-{uuid.uuid4().hex[:6]}")
         assert reg.mode == "cuda_ipc"
         n = 6
         hashes = prompt_hashes(random.Random(layout).choices(range(50_000), k=n * CHUNK), CHUNK)
         src, dst = list(range(1, 2 * n + 1)), list(range(40, 40 + 2 * n))
         want = [[_block(t, layout, b).clone() for b in src] for t in kv]
-        reply = client.store(reg, hashes, src)
+        reply = reg.store(hashes, src)
         assert reply.stored == n
         _wait_copies(reg, reply.event)
         _until(lambda: client.lookup(reg.scope(), hashes) == n, "the chunks to be published")
-        written = client.retrieve(reg, hashes, dst, skip_blocks=1)  # dst holds other values until then
+        written, event = reg.retrieve(hashes, dst, skip_blocks=1)  # dst holds other values until then
         assert written == n
-        _wait_copies(reg, reg.gpu.last)
+        _wait_copies(reg, event)
         for layer, t in enumerate(kv):
             assert not torch.equal(_block(t, layout, dst[0]), want[layer][0]), "a skipped block was written"
             for i in range(1, 2 * n):
                 assert torch.equal(_block(t, layout, dst[i]), want[layer][i]), f"layer {layer} block {dst[i]}"
-        client.unregister_kv_caches(reg)
+        reg.unregister()
 
 
 def test_the_server_waits_for_the_engines_stream_not_the_host(server: ServerProcess) -> None:
@@ -95,17 +96,18 @@ def test_the_server_waits_for_the_engines_stream_not_the_host(server: ServerProc
     layout = "LBHNC"
     kv = make_kv(layout, "float16", SHAPE, device="cuda")
     with MPClient("127.0.0.1", server.port, timeout_s=30) as client:
-        reg = client.register_kv_caches(kv, "m-order", instance_id=f"gpu-order-{uuid.uuid4().hex[:6]}")
+        reg = register_kv_caches(client, kv, "m-order", instance_id=f"gpu-order-{uuid.uuid4().hex[:6]}")
         hashes = prompt_hashes(list(range(CHUNK)), CHUNK)
         torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time before the blocks get their values
         for t in kv:
             t[1:3].fill_(7.0)
-        reply = client.store(reg, hashes, [1, 2])
+        reply = reg.store(hashes, [1, 2])
         assert reply.stored == 1
         _wait_copies(reg, reply.event)
         _until(lambda: client.lookup(reg.scope(), hashes) == 1, "the chunk to be published")
-        assert client.retrieve(reg, hashes, [10, 11]) == 1
-        _wait_copies(reg, reg.gpu.last)
+        written, event = reg.retrieve(hashes, [10, 11])
+        assert written == 1
+        _wait_copies(reg, event)
         for t in kv:
             assert bool((t[10:12] == 7.0).all()), "the server copied the blocks before the engine wrote them"
 
@@ -122,5 +124,5 @@ def test_bad_handles_and_foreign_devices_get_errors_and_the_server_serves_on(ser
         with pytest.raises(ServerError, match="cannot see the engine's GPU"):
             client.call(p.RegisterKVCache("foreign", "m", 1, 0, layout, [], "cuda_ipc", foreign), p.Registered)
         assert client.ping() == p.Pong()
-        reg = client.register_kv_caches(kv, "m-after", instance_id=f"gpu-after-{uuid.uuid4().hex[:6]}")
-        assert client.store(reg, prompt_hashes(list(range(CHUNK)), CHUNK), [1, 2]).stored == 1
+        reg = register_kv_caches(client, kv, "m-after", instance_id=f"gpu-after-{uuid.uuid4().hex[:6]}")
+        assert reg.store(prompt_hashes(list(range(CHUNK)), CHUNK), [1, 2]).stored == 1

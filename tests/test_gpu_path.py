@@ -15,6 +15,7 @@ import pytest
 from lmcache import protocol as p
 from lmcache._fast.pool import MemoryPool
 from lmcache.client import MPClient, ServerError
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.config import ServerConfig
 from lmcache.keys import prompt_hashes
 from lmcache.server.engine import CacheEngine
@@ -206,7 +207,7 @@ def test_a_server_without_a_usable_gpu_refuses_gpu_registrations_and_keeps_servi
         assert e.value.code == p.ErrorCode.BAD_REQUEST
         assert client.status()["engines"] == []
         assert client.ping() == p.Pong()
-        reg = client.register_kv_caches(kv, "m", mode="lmcache_driven")
+        reg = register_kv_caches(client, kv, "m", mode="lmcache_driven")
         assert reg.mode == "lmcache_driven"
         assert client.call(p.Fence(reg.instance_id), p.Fenced).event == -1  # a CPU engine: nothing to fence
 
@@ -233,7 +234,7 @@ def test_a_fence_is_answered_after_the_engines_earlier_store() -> None:
     kv = make_kv("LBHNC", "bfloat16", KVShape(layers=8, blocks=130, block_size=16, heads=8, head_size=256))
     with ServerProcess(l1_size_gb=1, extra_args=["--max-workers", "2"]) as server, \
             MPClient("127.0.0.1", server.port, timeout_s=30) as client:
-        reg = client.register_kv_caches(kv, "m", mode="engine_driven", instance_id="fenced")
+        reg = register_kv_caches(client, kv, "m", mode="engine_driven", instance_id="fenced")
         hashes = prompt_hashes(random.Random(5).choices(range(50_000), k=8 * 256), 256)
         store = client.submit(p.Store(reg.instance_id, hashes, list(range(1, 129))))
         fence = client.submit(p.Fence(reg.instance_id))

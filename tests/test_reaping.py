@@ -52,7 +52,7 @@ def test_a_quiet_engine_is_dropped_and_registers_again_on_its_next_store() -> No
         def stored_after_registering_again() -> bool:
             worker.save(step)
             worker.flush(10)
-            return client.lookup(worker._registration.scope(), hashes) == 2 if worker._registration else False
+            return client.lookup(worker._kv.scope(), hashes) == 2 if worker._kv else False
 
         _until(stored_after_registering_again, "the worker to register again and store")
         worker.close()

@@ -15,6 +15,7 @@ import pytest
 
 from lmcache import protocol as p
 from lmcache.client import MPClient, ServerUnavailableError
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.config import ConfigError, ConnectorConfig, ServerConfig
 from lmcache.integration.vllm.adapter import _client
 from lmcache.keys import prompt_hashes
@@ -48,9 +49,9 @@ def _keygen(directory: Path, name: str) -> tuple[Path, Path]:
 
 def _store_chunks(client: MPClient, n_chunks: int) -> None:
     kv = make_kv("LBNHC", "float16")
-    reg = client.register_kv_caches(kv, model="security-test")
+    reg = register_kv_caches(client, kv, model="security-test")
     hashes = prompt_hashes(random.Random(n_chunks).choices(range(30_000), k=CHUNK * n_chunks), CHUNK)
-    assert client.store(reg, hashes, range(4 * n_chunks)).stored == n_chunks
+    assert reg.store(hashes, range(4 * n_chunks)).stored == n_chunks
 
 
 # --- admin token ---------------------------------------------------------------------------

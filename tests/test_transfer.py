@@ -14,6 +14,7 @@ import torch
 
 from lmcache import protocol as p
 from lmcache.client import MPClient, ServerError
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.keys import prompt_hashes
 from lmcache.server.process import ServerProcess
 from lmcache.page_layout import LayoutError
@@ -58,7 +59,7 @@ CASES = [(layout, "bfloat16", "engine_driven") for layout in LAYOUTS] + [
 def test_round_trip_is_byte_exact(kv_client: MPClient, layout: str, dtype: str, mode: str) -> None:
     kv = make_kv(layout, dtype)
     fill(kv, layout, seed=hash((layout, dtype)) % 100)
-    reg = kv_client.register_kv_caches(
+    reg = register_kv_caches(kv_client, 
         kv, model=f"model-{layout}-{dtype}-{mode}", instance_id=f"{os.getpid()}-{layout}-{dtype}-{mode}", mode=mode
     )
     assert reg.mode == mode
@@ -67,14 +68,14 @@ def test_round_trip_is_byte_exact(kv_client: MPClient, layout: str, dtype: str, 
     rng = random.Random(1)
     hashes = hashes_for(3, seed=2)
     src_blocks = rng.sample(range(32), 12)  # scattered over the cache
-    reply = kv_client.store(reg, hashes, src_blocks)
+    reply = reg.store(hashes, src_blocks)
     assert (reply.stored, reply.present, reply.skipped) == (3, 0, 0)
     assert kv_client.lookup(reg.scope(), hashes) == 3
 
     for t in kv:
         t.zero_()  # the tensors are SHM-backed now; the server's copy lives in L1
     dst_blocks = rng.sample(range(32), 12)
-    assert kv_client.retrieve(reg, hashes, dst_blocks) == 3
+    assert reg.retrieve(hashes, dst_blocks).retrieved == 3
     for layer, t in enumerate(kv):
         for src, dst in zip(src_blocks, dst_blocks):
             assert block_bytes(t, layout, dst) == expected[layer][src], (layer, src, dst)
@@ -84,22 +85,22 @@ def test_round_trip_is_byte_exact(kv_client: MPClient, layout: str, dtype: str, 
     # Skipping leading blocks the engine already holds leaves them untouched.
     for t in kv:
         t.zero_()
-    assert kv_client.retrieve(reg, hashes[:16], dst_blocks[:4], skip_blocks=3) == 1
+    assert reg.retrieve(hashes[:16], dst_blocks[:4], skip_blocks=3).retrieved == 1
     for layer, t in enumerate(kv):
         assert is_zero(block_bytes(t, layout, dst_blocks[0]))
         assert is_zero(block_bytes(t, layout, dst_blocks[2]))
         assert block_bytes(t, layout, dst_blocks[3]) == expected[layer][src_blocks[3]]
-    kv_client.unregister_kv_caches(reg)
+    reg.unregister()
 
 
 @pytest.mark.parametrize("mode", ["engine_driven", "lmcache_driven"])
 def test_a_second_store_of_the_same_chunks_writes_nothing(kv_client: MPClient, mode: str) -> None:
     kv = make_kv("LBHNC", "bfloat16")
     fill(kv, "LBHNC")
-    reg = kv_client.register_kv_caches(kv, model=f"dedupe-{mode}", instance_id=f"dedupe-{mode}", mode=mode)
+    reg = register_kv_caches(kv_client, kv, model=f"dedupe-{mode}", instance_id=f"dedupe-{mode}", mode=mode)
     hashes = hashes_for(2, seed=5)
-    assert kv_client.store(reg, hashes, range(8)).stored == 2
-    again = kv_client.store(reg, hashes, range(8, 16))
+    assert reg.store(hashes, range(8)).stored == 2
+    again = reg.store(hashes, range(8, 16))
     assert (again.stored, again.present) == (0, 2)
 
 
@@ -107,28 +108,28 @@ def test_chunks_never_cross_page_formats_or_salts(kv_client: MPClient) -> None:
     a = make_kv("LBNHC", "bfloat16")
     b = make_kv("LBHNC", "bfloat16")  # same sizes, other order inside a page
     fill(a, "LBNHC")
-    reg_a = kv_client.register_kv_caches(a, model="shared", instance_id="fmt-a")
-    reg_b = kv_client.register_kv_caches(b, model="shared", instance_id="fmt-b")
+    reg_a = register_kv_caches(kv_client, a, model="shared", instance_id="fmt-a")
+    reg_b = register_kv_caches(kv_client, b, model="shared", instance_id="fmt-b")
     assert reg_a.page_format != reg_b.page_format
     hashes = hashes_for(2, seed=9)
-    assert kv_client.store(reg_a, hashes, range(8), salt="tenant-1").stored == 2
+    assert reg_a.store(hashes, range(8), salt="tenant-1").stored == 2
     assert kv_client.lookup(reg_b.scope("tenant-1"), hashes) == 0
-    assert kv_client.retrieve(reg_b, hashes, range(8), salt="tenant-1") == 0
+    assert reg_b.retrieve(hashes, range(8), salt="tenant-1").retrieved == 0
     assert all(is_zero(block_bytes(t, "LBHNC", blk)) for t in b for blk in range(8))
     assert kv_client.lookup(reg_a.scope("tenant-2"), hashes) == 0
-    assert kv_client.retrieve(reg_a, hashes, range(8, 16), salt="tenant-2") == 0
+    assert reg_a.retrieve(hashes, range(8, 16), salt="tenant-2").retrieved == 0
 
 
 @pytest.mark.parametrize("mode", ["engine_driven", "lmcache_driven"])
 def test_retrieve_stops_at_the_first_missing_chunk(kv_client: MPClient, mode: str) -> None:
     kv = make_kv("LBNHC", "float16")
     fill(kv, "LBNHC")
-    reg = kv_client.register_kv_caches(kv, model=f"gaps-{mode}", instance_id=f"gaps-{mode}", mode=mode)
+    reg = register_kv_caches(kv_client, kv, model=f"gaps-{mode}", instance_id=f"gaps-{mode}", mode=mode)
     hashes = hashes_for(3, seed=11)
-    kv_client.store(reg, hashes[:16], range(4))  # only chunk 0
+    reg.store(hashes[:16], range(4))  # only chunk 0
     for t in kv:
         t.zero_()
-    assert kv_client.retrieve(reg, hashes, range(12)) == 1
+    assert reg.retrieve(hashes, range(12)).retrieved == 1
     assert all(is_zero(block_bytes(t, "LBNHC", blk)) for t in kv for blk in range(4, 12))
 
 
@@ -146,7 +147,7 @@ def test_retrieve_stops_at_the_first_missing_chunk(kv_client: MPClient, mode: st
 )
 def test_bad_requests_get_errors_and_change_nothing(kv_client: MPClient, make_request, text: str) -> None:
     kv = make_kv("LBNHC", "bfloat16")
-    reg = kv_client.register_kv_caches(kv, model="bad", instance_id="bad", mode="engine_driven")
+    reg = register_kv_caches(kv_client, kv, model="bad", instance_id="bad", mode="engine_driven")
     hashes = hashes_for(1, seed=13)
     with pytest.raises(ServerError) as info:
         kv_client.submit(make_request(reg, hashes)).result()
@@ -181,7 +182,7 @@ def test_bad_registrations_are_refused_clearly(kv_client: MPClient) -> None:
     odd = make_kv("LBNHC", "bfloat16", KVShape(block_size=48))
     reg_error = pytest.raises(ServerError)
     with reg_error as info:
-        kv_client.register_kv_caches(odd, model="m", instance_id="odd", mode="engine_driven")
+        register_kv_caches(kv_client, odd, model="m", instance_id="odd", mode="engine_driven")
     assert "not a multiple of the engine's block size 48" in info.value.message
     assert kv_client.ping() == p.Pong()
 
@@ -215,7 +216,7 @@ def test_layout_facts() -> None:
 
 def test_auto_mode_picks_lmcache_driven_when_the_server_offers_it(kv_client: MPClient) -> None:
     assert "lmcache_driven" in kv_client.hello().transfer_modes
-    reg = kv_client.register_kv_caches(make_kv("LBHNC", "bfloat16"), model="auto", instance_id="auto")
+    reg = register_kv_caches(kv_client, make_kv("LBHNC", "bfloat16"), model="auto", instance_id="auto")
     assert reg.mode == "lmcache_driven"
 
 
@@ -225,8 +226,8 @@ def test_without_an_shm_arena_only_engine_driven_is_served() -> None:
         assert client.hello().transfer_modes == ["engine_driven"]
         kv = make_kv("LBHNC", "bfloat16")
         with pytest.raises(ServerError, match="not served here"):
-            client.register_kv_caches(kv, model="m", instance_id="x", mode="lmcache_driven")
-        assert client.register_kv_caches(kv, model="m", instance_id="y").mode == "engine_driven"
+            register_kv_caches(client, kv, model="m", instance_id="x", mode="lmcache_driven")
+        assert register_kv_caches(client, kv, model="m", instance_id="y").mode == "engine_driven"
         assert not any(n.startswith("lmcache_l1_") for n in os.listdir("/dev/shm") if n.endswith(str(server.proc.pid)))
 
 
@@ -237,7 +238,7 @@ def test_a_paused_writer_keeps_its_slots_until_it_commits() -> None:
     with ServerProcess(extra_args=["--chunk-size", str(CHUNK), "--lock-ttl", "0.5"]) as server, \
             MPClient("127.0.0.1", server.port) as client:
         kv = make_kv("LBHNC", "bfloat16")
-        reg = client.register_kv_caches(kv, model="m", instance_id="paused", mode="lmcache_driven")
+        reg = register_kv_caches(client, kv, model="m", instance_id="paused", mode="lmcache_driven")
         hashes = hashes_for(2, seed=21)
         slots = client.call(p.PrepareStore(reg.instance_id, hashes), p.Slots)
         assert all(offset >= 0 for offset in slots.offsets)
@@ -250,7 +251,7 @@ def test_a_paused_writer_keeps_its_slots_until_it_commits() -> None:
         l1 = client.status()["l1"]
         assert (l1["objects"], l1["orphans"], l1["used_bytes"]) == (0, 2, held_bytes)
         # Another engine storing the same chunks now gets other slots.
-        other = client.register_kv_caches(make_kv("LBHNC", "bfloat16"), model="m", instance_id="other", mode="lmcache_driven")
+        other = register_kv_caches(client, make_kv("LBHNC", "bfloat16"), model="m", instance_id="other", mode="lmcache_driven")
         again = client.call(p.PrepareStore(other.instance_id, hashes), p.Slots)
         assert not set(again.offsets) & set(slots.offsets)
         client.call(p.CommitStore(again.ticket, [True, True]), p.StoreReply)

@@ -12,6 +12,7 @@ import pytest
 
 from lmcache import protocol as p
 from lmcache.client import MPClient
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.keys import prompt_hashes
 from lmcache.server.process import ServerProcess
 from lmcache.testing.vllm_like import KVShape, fill, make_kv
@@ -31,7 +32,7 @@ def test_ping_and_lookup_answer_while_a_big_store_copies() -> None:
         kv = make_kv("LBHNC", "bfloat16", shape)
         for t in kv:
             t.fill_(1.5)
-        reg = client.register_kv_caches(kv, model="big", mode="engine_driven")
+        reg = register_kv_caches(client, kv, model="big", mode="engine_driven")
         hashes = hashes_for(16, seed=1)
         big = client.submit(p.Store(reg.instance_id, hashes, list(range(64))))
         assert client.ping() == p.Pong()
@@ -46,8 +47,8 @@ def _rank_process(port: int, rank: int, n_chunks: int, ready: mp.Event, done: mp
     with MPClient("127.0.0.1", port, timeout_s=30) as client:
         kv = make_kv("LBNHC", "float16")
         fill(kv, "LBNHC", seed=rank)
-        reg = client.register_kv_caches(kv, model="tp-model", world_size=2, rank=rank, instance_id=f"rank{rank}")
-        assert client.store(reg, hashes_for(n_chunks, seed=7), range(4 * n_chunks)).stored == n_chunks
+        reg = register_kv_caches(client, kv, model="tp-model", world_size=2, rank=rank, instance_id=f"rank{rank}")
+        assert reg.store(hashes_for(n_chunks, seed=7), range(4 * n_chunks)).stored == n_chunks
         ready.set()
         done.wait(60)
 
@@ -88,7 +89,7 @@ def _store_and_die(port: int) -> None:
     client = MPClient("127.0.0.1", port, timeout_s=30)
     kv = make_kv("LBHNC", "bfloat16", KVShape(layers=16, blocks=64, heads=8, head_size=256))
     fill(kv, "LBHNC")
-    reg = client.register_kv_caches(kv, model="doomed", instance_id="doomed", mode="engine_driven")
+    reg = register_kv_caches(client, kv, model="doomed", instance_id="doomed", mode="engine_driven")
     client.submit(p.Store(reg.instance_id, hashes_for(16, seed=3), list(range(64))))
     os._exit(0)  # gone without waiting, closing or unregistering
 

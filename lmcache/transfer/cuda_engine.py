@@ -23,7 +23,6 @@ class GpuSync:
         self._mine.record(torch.cuda.current_stream(self.device))
         self._handle = bytes(self._mine.ipc_handle())
         self._server = [torch.cuda.Event.from_ipc_handle(self.device, bytes(h)) for h in server_events]
-        self.last = -1  # the server event of the latest copy (read by the thread that sent it)
 
     def ready(self) -> bytes:
         """Marks "the blocks are ready" on the current stream; the handle to send with the request."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lmcache.client import MPClient
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.keys import HASH_BYTES, prompt_hashes, split_hashes
 from lmcache.testing.vllm_like import make_kv
 
@@ -91,13 +92,13 @@ class Truth:
     def __init__(self, client: MPClient) -> None:
         self.client = client
         self.kv = make_kv("LBHNC", "float16")  # 32 blocks: 8 chunks per request
-        self.reg = client.register_kv_caches(self.kv, model="m", instance_id="truth", mode="engine_driven")
+        self.reg = register_kv_caches(client, self.kv, model="m", instance_id="truth", mode="engine_driven")
         self.stored: dict[bytes, None] = {}  # every chunk it ever stored, once, in order
 
     def store(self, hashes: bytes) -> int:
         blocks = list(range(len(hashes) // HASH_BYTES * BPC))
         fill_chunks(self.kv, hashes, blocks)
-        stored = self.client.store(self.reg, hashes, blocks).stored
+        stored = self.reg.store(hashes, blocks).stored
         self.stored.update(dict.fromkeys(split_hashes(hashes)))
         return stored
 
@@ -116,7 +117,7 @@ class Truth:
             blocks = list(range(len(batch) // HASH_BYTES * BPC))
             for t in self.kv:
                 t.zero_()
-            written = self.client.retrieve(self.reg, batch, blocks)
+            written = self.reg.retrieve(batch, blocks).retrieved
             # A chunk evicted since the lookup ends the batch early; what was written is checked.
             assert chunks_match(self.kv, batch[: written * HASH_BYTES], blocks), "a cached chunk holds wrong bytes"
             checked += written

@@ -27,7 +27,8 @@ import msgspec
 import zmq
 
 from lmcache import protocol as p
-from lmcache.client import KVRegistration, MPClient
+from lmcache.client import MPClient
+from lmcache.kv_transfer import KVTransfer, register_kv_caches
 from lmcache.keys import prompt_hashes
 from lmcache.server.process import ServerProcess
 
@@ -174,7 +175,7 @@ class Canary:
     the faults they must still load back byte for byte."""
 
     client: MPClient
-    registration: KVRegistration
+    registration: KVTransfer
     kv: list[Any]
     hashes: bytes
     expected: list[list[bytes]]  # per layer, per chunk block: the stored bytes
@@ -188,11 +189,11 @@ class Canary:
         client = MPClient("127.0.0.1", server.port, timeout_s=10)
         kv = make_kv("LBHNC", "bfloat16")
         fill(kv, "LBHNC", seed=3)
-        reg = client.register_kv_caches(kv, model="fault-canary", instance_id="fault-canary", mode="engine_driven")
+        reg = register_kv_caches(client, kv, model="fault-canary", instance_id="fault-canary", mode="engine_driven")
         hashes = prompt_hashes(random.Random(7).choices(range(30_000), k=2 * CHUNK), CHUNK)
         src = list(range(8))
         expected = [[block_bytes(t, "LBHNC", b) for b in src] for t in kv]
-        reply = client.store(reg, hashes, src)
+        reply = reg.store(hashes, src)
         assert (reply.stored, reply.present, reply.skipped) == (2, 0, 0), reply
         return cls(client, reg, kv, hashes, expected, src)
 
@@ -202,7 +203,7 @@ class Canary:
 
         for t in self.kv:
             t.zero_()
-        got = self.client.retrieve(self.registration, self.hashes, self.dst_blocks, timeout=5)
+        got = self.registration.retrieve(self.hashes, self.dst_blocks, timeout=5).retrieved
         assert got == 2, f"the canary chunks stored before the faults: {got} of 2 load back"
         for layer, t in enumerate(self.kv):
             for i, dst in enumerate(self.dst_blocks):

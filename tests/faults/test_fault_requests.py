@@ -30,7 +30,8 @@ from fault_support import (
 )
 from lmcache import __version__
 from lmcache import protocol as p
-from lmcache.client import KVRegistration, MPClient
+from lmcache.client import MPClient
+from lmcache.kv_transfer import KVTransfer, register_kv_caches
 from lmcache.keys import CacheScope
 from lmcache.server.process import ServerProcess
 from lmcache.protocol import CudaIpcStorage
@@ -162,8 +163,8 @@ class Victims:
     server copies pages), one lmcache_driven (tickets, arena offsets)."""
 
     client: MPClient
-    engine: KVRegistration
-    lmcache: KVRegistration
+    engine: KVTransfer
+    lmcache: KVTransfer
     kv: list[Any]
 
     @classmethod
@@ -178,9 +179,9 @@ class Victims:
 
     def refresh(self) -> None:
         """(Re-)registers both: a hostile Register or Unregister may have replaced or dropped them."""
-        self.engine = self.client.register_kv_caches(
+        self.engine = register_kv_caches(self.client, 
             self.kv[:2], model="fault-model", instance_id=ENGINE_VICTIM, mode="engine_driven")
-        self.lmcache = self.client.register_kv_caches(
+        self.lmcache = register_kv_caches(self.client, 
             self.kv[2:], model="fault-model", instance_id=LMCACHE_VICTIM, mode="lmcache_driven")
 
     def close(self) -> None:

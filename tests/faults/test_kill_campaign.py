@@ -43,6 +43,7 @@ from engine_support import (
 )
 from lmcache import protocol as p
 from lmcache.client import MPClient, ServerError, ServerUnavailableError
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.keys import HASH_BYTES, split_hashes
 from lmcache.server.process import ServerProcess, free_port
 from lmcache.testing.vllm_like import make_kv
@@ -79,7 +80,7 @@ def campaign_engine(port: int, mode: str, seed: int, universe: list[bytes], stop
     started = time.monotonic()
     client = MPClient("127.0.0.1", port, timeout_s=30)
     kv = make_kv("LBHNC", "float16")
-    reg = client.register_kv_caches(kv, model="m", instance_id=f"campaign-{os.getpid()}", mode=mode)
+    reg = register_kv_caches(client, kv, model="m", instance_id=f"campaign-{os.getpid()}", mode=mode)
     conn.send(("registered", time.monotonic() - started))
     scope = reg.scope()
     n_blocks = kv[0].shape[0]
@@ -99,11 +100,11 @@ def campaign_engine(port: int, mode: str, seed: int, universe: list[bytes], stop
                     index = torch.tensor(wanted)
                     for t in kv:
                         t.index_fill_(0, index, SENTINEL)
-                    written = client.retrieve(reg, hashes[: hit * HASH_BYTES], wanted, skip_blocks=skip)
+                    written = reg.retrieve(hashes[: hit * HASH_BYTES], wanted, skip_blocks=skip).retrieved
                     checked = check_load(conn, kv, hashes[: written * HASH_BYTES], wanted, skip)
                 if rng.random() < 0.8:
                     fill_chunks(kv, hashes, blocks)
-                    stored = client.store(reg, hashes, blocks).stored
+                    stored = reg.store(hashes, blocks).stored
             except (ServerError, ServerUnavailableError) as e:
                 conn.send(("error", type(e).__name__, str(e)[:500]))
             conn.send(("iter", written, checked, stored))

@@ -23,6 +23,7 @@ from engine_support import (
 )
 from lmcache import protocol as p
 from lmcache.client import MPClient, ServerError, ServerUnavailableError
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.keys import HASH_BYTES
 from lmcache.server.process import ServerProcess
 from lmcache.testing.vllm_like import make_kv
@@ -35,8 +36,8 @@ def _stalling_engine(port: int, action: str, hashes: bytes, conn) -> None:
     (SIGSTOP) right before its first page copy, with the arena offsets in hand."""
     client = MPClient("127.0.0.1", port, timeout_s=60)
     kv = make_kv("LBHNC", "float16")
-    reg = client.register_kv_caches(kv, model="m", instance_id=f"stall-{os.getpid()}", mode="lmcache_driven")
-    cache = reg.copier.cache
+    reg = register_kv_caches(client, kv, model="m", instance_id=f"stall-{os.getpid()}", mode="lmcache_driven")
+    cache = reg.cache
     copy = cache.gather if action == "store" else cache.scatter
 
     paused = []
@@ -51,11 +52,11 @@ def _stalling_engine(port: int, action: str, hashes: bytes, conn) -> None:
     if action == "store":
         fill_chunks(kv, hashes, blocks)
         cache.gather = pause_then_copy
-        conn.send(("done", client.store(reg, hashes, blocks).stored, True))
+        conn.send(("done", reg.store(hashes, blocks).stored, True))
     else:
         cache.scatter = pause_then_copy
         try:
-            written = client.retrieve(reg, hashes, blocks)
+            written = reg.retrieve(hashes, blocks).retrieved
         except ServerError as e:
             # If the server's housekeeping dropped the expired ticket before the late
             # FinishRetrieve arrived, the load fails with this error instead of returning 0
@@ -78,7 +79,7 @@ def _dies_while_registering(port: int, mode: str) -> None:
         return real_call(request, expect, timeout)
 
     client.call = call
-    client.register_kv_caches(make_kv("LBHNC", "float16"), model="m", mode=mode)
+    register_kv_caches(client, make_kv("LBHNC", "float16"), model="m", mode=mode)
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -230,10 +231,10 @@ def test_slots_granted_after_the_client_gave_up_are_handed_back(server: ServerPr
     truth.store(cached)
     with MPClient("127.0.0.1", server.port, timeout_s=0.5) as impatient:
         kv = make_kv("LBHNC", "float16")
-        reg = impatient.register_kv_caches(kv, model="m", instance_id="impatient", mode="lmcache_driven")
+        reg = register_kv_caches(impatient, kv, model="m", instance_id="impatient", mode="lmcache_driven")
         for call in (
-            lambda: impatient.store(reg, chunk_hashes(4, seed=8), list(range(16))),
-            lambda: impatient.retrieve(reg, cached, list(range(8))),
+            lambda: reg.store(chunk_hashes(4, seed=8), list(range(16))),
+            lambda: reg.retrieve(cached, list(range(8))).retrieved,
         ):
             os.kill(server.proc.pid, signal.SIGSTOP)
             try:

@@ -1,7 +1,7 @@
 """The vLLM connector's logic, importing nothing from vLLM: plain ints, lists and tensors.
 
 ``SchedulerAdapter`` decides what to load and store; ``WorkerAdapter`` moves the bytes through
-``MPClient``. vLLM's connector class (lmcache_mp_connector.py) only translates vLLM's objects
+kv_transfer.py. vLLM's connector class (lmcache_mp_connector.py) only translates vLLM's objects
 for them, and the simulator drives them directly.
 
 How a request goes:
@@ -29,14 +29,16 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from lmcache import protocol as p
-from lmcache.client import KVRegistration, MPClient, ReplyFuture, ServerError, ServerUnavailableError
+from lmcache.protocol import TransferMode
+from lmcache.client import MPClient, ReplyFuture, ServerError, ServerUnavailableError
 from lmcache.config import ConnectorConfig, strip_scheme
 from lmcache.keys import HASH_BYTES, CacheScope, prompt_hashes
+from lmcache.kv_transfer import NO_EVENT, KVTransfer, TransferStats, register_kv_caches
 from lmcache.log import init_logger
 
 logger = init_logger(__name__)
@@ -314,6 +316,33 @@ class SchedulerAdapter:
 # --- worker side ------------------------------------------------------------------------------
 
 
+class _Moved(NamedTuple):
+    """What one load or store on the I/O thread came to."""
+
+    failed_blocks: set[int]  # loads: the blocks not loaded, which vLLM recomputes
+    event: int  # GPU engines: the server event after the copies (NO_EVENT: none to wait for)
+    kv: KVTransfer | None  # the registration that moved them (None: nothing was sent)
+
+
+class Copied:
+    """A load or store handed to the I/O thread: done once answered and, for a GPU engine, once
+    the server's device copies have run (never blocks to find out)."""
+
+    def __init__(self, future: Future[_Moved]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        if not self._future.done():
+            return False
+        if self._future.exception() is not None:
+            return True  # get_finished reports it (and vLLM recomputes)
+        moved = self._future.result()
+        return moved.kv is None or moved.kv.copied(moved.event)
+
+    def answered(self, timeout: float | None) -> _Moved:
+        return self._future.result(timeout)
+
+
 class WorkerAdapter:
     def __init__(
         self, config: ConnectorConfig, model: str, world_size: int, rank: int, client: MPClient | None = None,
@@ -326,12 +355,12 @@ class WorkerAdapter:
         self._client = client or _client(config)
         self._instance_id = instance_id
         self._tensors: list[Any] = []
-        self._registration: KVRegistration | None = None
+        self._kv: KVTransfer | None = None
         self._next_try = 0.0
         self._io = ThreadPoolExecutor(1, thread_name_prefix="lmcache-kv-io")
         self._lock = threading.Lock()
-        self._loads: dict[str, list[Future]] = {}
-        self._stores: dict[str, list[Future]] = {}
+        self._loads: dict[str, list[Copied]] = {}
+        self._stores: dict[str, list[Copied]] = {}
         self._delayed: set[str] = set()
         self._load_errors: set[int] = set()
 
@@ -342,13 +371,13 @@ class WorkerAdapter:
         self._try_register()
 
     def _try_register(self) -> bool:
-        if self._registration is not None:
+        if self._kv is not None:
             return True
         if not self._tensors or time.monotonic() < self._next_try:
             return False
         try:
-            self._registration = self._client.register_kv_caches(
-                self._tensors, self.model, self.world_size, self.rank, instance_id=self._instance_id,
+            self._kv = register_kv_caches(
+                self._client, self._tensors, self.model, self.world_size, self.rank, instance_id=self._instance_id,
                 mode=self.config.mp_transfer_mode,
             )
             return True
@@ -357,57 +386,53 @@ class WorkerAdapter:
             logger.warning("Could not register the KV cache with the LMCache server (%s); will retry", e)
             return False
 
+    @property
+    def transfer_stats(self) -> TransferStats | None:
+        """What this worker's registration moved so far (None before it registered)."""
+        return self._kv.stats if self._kv is not None else None
+
     # -- per step
     def _gpu_ready(self) -> bytes | None:
         """GPU engines: marks, on vLLM's own stream, that the blocks may be copied now."""
-        reg = self._registration
-        return reg.gpu.ready() if reg is not None and reg.gpu is not None else None
+        kv = self._kv
+        return kv.ready() if kv is not None else None
 
     def start_load(self, step: StepMetadata) -> None:
         if step.loads:
             event = self._gpu_ready()
             for op in step.loads:
-                self._loads.setdefault(op.req_id, []).append(self._io.submit(self._load, op, event))
+                self._loads.setdefault(op.req_id, []).append(Copied(self._io.submit(self._load, op, event)))
 
     def save(self, step: StepMetadata) -> None:
         self._delayed.update(step.delayed_free)
         if step.stores:
             event = self._gpu_ready()
             for op in step.stores:
-                self._stores.setdefault(op.req_id, []).append(self._io.submit(self._store, op, event))
-
-    def _copied(self, future: Future) -> bool:
-        """The op has been answered and, for a GPU engine, the server's copies have run."""
-        if not future.done():
-            return False
-        if future.exception() is not None:
-            return True  # get_finished reports it (and vLLM recomputes)
-        reg = self._registration
-        return reg is None or reg.gpu is None or reg.gpu.done(future.result()[1])
+                self._stores.setdefault(op.req_id, []).append(Copied(self._io.submit(self._store, op, event)))
 
     def handle_preemptions(self, step: StepMetadata) -> None:
         """Preempted requests' blocks are about to be reused: their stores must finish first."""
         for req_id in step.preempted:
-            for future in self._stores.pop(req_id, []):
+            for store in self._stores.pop(req_id, []):
                 try:
-                    future.result(timeout=self.config.timeout_s)
+                    store.answered(timeout=self.config.timeout_s)
                     deadline = time.monotonic() + self.config.timeout_s
-                    while not self._copied(future) and time.monotonic() < deadline:
+                    while not store.done() and time.monotonic() < deadline:
                         time.sleep(0.0005)  # the GPU copy out of these blocks is still running
                 except Exception:  # noqa: BLE001 - a failed store is only a future miss
                     pass
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
-        recving = {r for r, fs in self._loads.items() if all(self._copied(f) for f in fs)}
+        recving = {r for r, loads in self._loads.items() if all(load.done() for load in loads)}
         for req_id in recving:
-            for future in self._loads.pop(req_id):
-                errors = future.result()[0]  # _load never raises; it returns the blocks it failed
+            for load in self._loads.pop(req_id):
+                failed = load.answered(0).failed_blocks  # _load never raises
                 with self._lock:
-                    self._load_errors.update(errors)
+                    self._load_errors.update(failed)
         sending = set()
         for req_id in list(self._delayed):
-            futures = self._stores.get(req_id, [])
-            if all(self._copied(f) for f in futures):
+            stores = self._stores.get(req_id, [])
+            if all(store.done() for store in stores):
                 self._stores.pop(req_id, None)
                 self._delayed.discard(req_id)
                 sending.add(req_id)
@@ -423,75 +448,76 @@ class WorkerAdapter:
         return errors
 
     # -- on the I/O thread
-    def _usable(self, event: bytes | None) -> KVRegistration | None:
+    def _usable(self, event: bytes | None) -> KVTransfer | None:
         """The registration to use, or None. A GPU op needs the event recorded on vLLM's stream
         when the step was handed over (the I/O thread's own stream is not ordered after it)."""
         if not self._try_register():
             return None
-        reg = self._registration
-        if reg is not None and reg.gpu is not None and event is None:
+        kv = self._kv
+        if kv is not None and _is_gpu(kv) and event is None:
             return None  # registered after this step began: skip it (a miss, never a wrong byte)
-        return reg
+        return kv
 
-    def _load(self, op: LoadOp, event: bytes | None) -> tuple[set[int], int]:
-        """Runs a Retrieve: (the blocks that were not loaded, which vLLM recomputes; the server's
-        GPU event that marks the copies done, or -1)."""
-        written, gpu_event = 0, -1
-        reg = None
+    def _load(self, op: LoadOp, event: bytes | None) -> _Moved:
+        """Runs a Retrieve; never raises (a failure is a miss: vLLM recomputes the blocks)."""
+        written, gpu_event = 0, NO_EVENT
+        kv = None
         try:
-            reg = self._usable(event)
-            if reg is not None:
-                written = self._client.retrieve(reg, op.hashes, op.block_ids, op.skip_blocks, op.salt, event=event)
-                gpu_event = reg.gpu.last if reg.gpu is not None else -1
+            kv = self._usable(event)
+            if kv is not None:
+                written, gpu_event = kv.retrieve(op.hashes, op.block_ids, op.skip_blocks, op.salt, event=event)
         except (ServerUnavailableError, ServerError, OSError, ValueError) as e:
             logger.warning("Load for %s failed (%s); vLLM recomputes it", op.req_id, e)
-            gpu_event = self._fence(reg)
+            gpu_event = self._fence(kv)
             self._lost_registration(e)
         bpc = len(op.block_ids) // max(1, len(op.hashes) // HASH_BYTES)
-        return set(op.block_ids[max(written * bpc, op.skip_blocks):]), gpu_event
+        return _Moved(set(op.block_ids[max(written * bpc, op.skip_blocks):]), gpu_event, kv)
 
-    def _store(self, op: StoreOp, event: bytes | None) -> tuple[None, int]:
-        reg = None
+    def _store(self, op: StoreOp, event: bytes | None) -> _Moved:
+        kv = None
         try:
-            reg = self._usable(event)
-            if reg is not None:
-                reply = self._client.store(reg, op.hashes, op.block_ids, op.salt, event=event)
-                return None, reply.event
+            kv = self._usable(event)
+            if kv is not None:
+                return _Moved(set(), kv.store(op.hashes, op.block_ids, op.salt, event=event).event, kv)
         except (ServerUnavailableError, ServerError, OSError, ValueError) as e:
             logger.warning("Store for %s failed (%s)", op.req_id, e)
-            gpu_event = self._fence(reg)
+            gpu_event = self._fence(kv)
             self._lost_registration(e)
-            return None, gpu_event
-        return None, -1
+            return _Moved(set(), gpu_event, kv)
+        return _Moved(set(), NO_EVENT, kv)
 
-    def _fence(self, reg: KVRegistration | None) -> int:
+    def _fence(self, kv: KVTransfer | None) -> int:
         """After a failed GPU op the server may still have its copies queued: the blocks count
         as free only after a server event recorded behind them (the server runs a Fence after
         every earlier request of this engine)."""
-        if reg is None or reg.gpu is None:
-            return -1
+        if kv is None or not _is_gpu(kv):
+            return NO_EVENT
         try:
-            fence = self._client.submit(p.Fence(reg.instance_id), timeout=_FOREVER_S)
+            fence = self._client.submit(p.Fence(kv.instance_id), timeout=_FOREVER_S)
             while not fence.wait(self.config.timeout_s):
                 # Slow (its Fence queues behind our earlier requests) or gone? Ping is answered
                 # at once by a server that is alive; only a server that is gone, and took its
                 # queued copies with it, lets the blocks go without the fence.
                 self._client.ping(timeout=self.config.timeout_s)
             reply = fence.result()
-            return reply.event if isinstance(reply, p.Fenced) else -1
+            return reply.event if isinstance(reply, p.Fenced) else NO_EVENT
         except ServerError as e:
             # The registration is gone (server restarted, or it dropped us): the server closed
             # our memory only after the copies queued on it had run.
-            logger.warning("No GPU fence for %s (%s)", reg.instance_id, e)
+            logger.warning("No GPU fence for %s (%s)", kv.instance_id, e)
         except ServerUnavailableError as e:
-            logger.error("The LMCache server is gone (%s); releasing the blocks of %s", e, reg.instance_id)
-        return -1
+            logger.error("The LMCache server is gone (%s); releasing the blocks of %s", e, kv.instance_id)
+        return NO_EVENT
 
     def _lost_registration(self, error: Exception) -> None:
-        if isinstance(error, ServerError) and "unknown instance" in error.message:
-            self._registration = None  # the server restarted: register again
+        if isinstance(error, ServerError) and error.code is p.ErrorCode.UNKNOWN_INSTANCE:
+            self._kv = None  # the server restarted: register again
             self._next_try = 0.0
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=False)
         self._client.close()
+
+
+def _is_gpu(kv: KVTransfer) -> bool:
+    return kv.mode is TransferMode.CUDA_IPC
