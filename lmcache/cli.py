@@ -17,7 +17,7 @@ from lmcache.config import ConfigError, ConnectorConfig, EvictionPolicy, LogLeve
 try:  # typer >= 0.16 vendors click; older releases use the click package
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover
-    from click import exceptions as click_exceptions
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 app = typer.Typer(
     name="lmcache",
@@ -105,14 +105,14 @@ def server(
     try:
         config = ServerConfig(
             l1_size_gb=l1_size_gb,
-            eviction_policy=eviction_policy,
+            eviction_policy=eviction_policy,  # type: ignore[arg-type]  # ServerConfig parses the name
             host=host,
             port=port,
             http_host=http_host,
             http_port=http_port,
             max_workers=max_workers,
             chunk_size=chunk_size,
-            log_level=log_level,
+            log_level=log_level,  # type: ignore[arg-type]  # ServerConfig parses the name
             lock_ttl_s=lock_ttl,
             l1_shm=l1_shm,
             gpu_copy=gpu_copy,

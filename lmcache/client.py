@@ -18,8 +18,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import zmq
 
@@ -261,7 +261,7 @@ class MPClient:
                 return
             except zmq.Again:  # not connected yet (IMMEDIATE) or the send queue is full
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLOUT):
+                if remaining <= 0 or not self._sock.poll(max(1, int(remaining * 1000)), zmq.POLLOUT):
                     raise ServerUnavailableError(
                         f"cannot reach the LMCache server at {self.endpoint} "
                         "(is `lmcache server` running?)"

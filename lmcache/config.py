@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from lmcache.protocol import AUTO_MODE, CPU_MODE_CHOICES
 
 GIB = 1 << 30
 MIN_L1_GB = 1 / (1 << 14)  # 64 KiB: a few chunks of a tiny model, enough for tests
@@ -174,7 +176,7 @@ class ConnectorConfig:
 
     host: str = "tcp://localhost"
     port: int = 5555
-    mp_transfer_mode: str = "auto"  # auto | engine_driven | lmcache_driven
+    mp_transfer_mode: str = AUTO_MODE  # one of CPU_MODE_CHOICES
     save_decode_cache: bool = False
     # Longest time get_num_new_matched_tokens waits for a lookup before answering "not known yet".
     lookup_wait_ms: float = 2.0
@@ -201,8 +203,9 @@ class ConnectorConfig:
     }
 
     def __post_init__(self) -> None:
-        if self.mp_transfer_mode not in ("auto", "engine_driven", "lmcache_driven"):
-            raise ConfigError("mp_transfer_mode", f"must be auto, engine_driven or lmcache_driven (got {self.mp_transfer_mode!r})")
+        if self.mp_transfer_mode not in CPU_MODE_CHOICES:
+            choices = ", ".join(CPU_MODE_CHOICES)
+            raise ConfigError("mp_transfer_mode", f"must be one of {choices} (got {self.mp_transfer_mode!r})")
         if not 1 <= int(self.port) <= 65535:
             raise ConfigError("port", f"must be a TCP port (got {self.port})")
         if self.timeout_s <= 0 or self.lookup_wait_ms < 0 or self.retry_interval_s <= 0:

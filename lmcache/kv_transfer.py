@@ -23,7 +23,7 @@ from lmcache.client import MPClient
 from lmcache.keys import HASH_BYTES, CacheScope
 from lmcache.log import init_logger
 from lmcache.page_layout import PageLayout
-from lmcache.protocol import TransferMode
+from lmcache.protocol import AUTO_MODE, CPU_MODE_CHOICES, TransferMode
 from lmcache.transfer.layouts import describe
 from lmcache.transfer.liveness import process_mark
 from lmcache.transfer.registered import RegisteredCache, storage_array
@@ -215,7 +215,7 @@ def register_kv_caches(
     rank: int = 0,
     instance_id: str | None = None,
     kv_split: str | None = None,
-    mode: str = "auto",
+    mode: str = AUTO_MODE,
     timeout: float | None = None,
 ) -> KVTransfer:
     """Registers vLLM's per-layer KV tensors with the server ``client`` talks to.
@@ -252,11 +252,11 @@ def register_kv_caches(
 
 
 def _cpu_mode(client: MPClient, mode: str, timeout: float | None) -> TransferMode:
-    if mode not in ("auto", TransferMode.ENGINE_DRIVEN.value, TransferMode.LMCACHE_DRIVEN.value):
-        raise ValueError(f"unknown transfer mode {mode!r} (auto, engine_driven, lmcache_driven)")
+    if mode not in CPU_MODE_CHOICES:
+        raise ValueError(f"unknown transfer mode {mode!r} ({', '.join(CPU_MODE_CHOICES)})")
     offered = client.hello(client_name="kv-engine", timeout=timeout).transfer_modes
     auto = TransferMode.LMCACHE_DRIVEN if TransferMode.LMCACHE_DRIVEN.value in offered else TransferMode.ENGINE_DRIVEN
-    if mode == "auto":
+    if mode == AUTO_MODE:
         return auto
     if mode != auto.value:
         logger.info("Transfer mode %s (overridden; auto would pick %s)", mode, auto.value)
@@ -270,7 +270,7 @@ def _register_gpu(
     from lmcache.transfer.cuda_engine import GpuSync
     from lmcache.transfer.cuda_ipc import export_storages
 
-    if mode not in ("auto", TransferMode.CUDA_IPC.value):
+    if mode not in (AUTO_MODE, TransferMode.CUDA_IPC.value):
         raise ValueError(f"GPU KV caches are registered in cuda_ipc mode, not {mode!r}")
     logger.info("Creating transfer context (device_type=cuda, mode=cuda_ipc)")
     request = p.RegisterKVCache(

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Union, get_args
 
 import msgspec
 
@@ -79,6 +79,12 @@ class TransferMode(str, enum.Enum):
     ENGINE_DRIVEN = "engine_driven"  # the server maps the engine's SHM segments and copies
     LMCACHE_DRIVEN = "lmcache_driven"  # the engine maps the server's L1 arena and copies
     CUDA_IPC = "cuda_ipc"  # the server opens the engine's GPU memory and copies on its stream
+
+
+# What a CPU engine may ask for (``lmcache.mp.mp_transfer_mode``): "auto" takes lmcache_driven
+# where the server offers it, else engine_driven.
+AUTO_MODE = "auto"
+CPU_MODE_CHOICES = (AUTO_MODE, TransferMode.ENGINE_DRIVEN.value, TransferMode.LMCACHE_DRIVEN.value)
 
 
 # cuda_ipc: one distinct storage of an engine's GPU KV tensors (see transfer/cuda_ipc.py).
@@ -275,11 +281,11 @@ class Fenced(_Message, tag=112):
     event: int  # the server event recorded after everything queued so far (-1: not a GPU engine)
 
 
-Request = Union[
+Request = Union[  # noqa: UP007 - the decoder tables below read its __args__
     Hello, Ping, Status, Clear, Lookup, ReleaseLocks, EndSession, RegisterKVCache, UnregisterKVCache, Store, Retrieve,
     PrepareStore, CommitStore, PrepareRetrieve, FinishRetrieve, Fence,
 ]
-Reply = Union[
+Reply = Union[  # noqa: UP007
     Error, HelloReply, Pong, StatusReply, ClearReply, LookupReply, Released, Registered, Unregistered, StoreReply,
     RetrieveReply, Slots, Fenced,
 ]
@@ -314,21 +320,19 @@ def decode_request(frame: bytes | memoryview) -> Request:
         # (a wrong type, a missing field) is not a message at all.
         code = ErrorCode.BAD_REQUEST if _OUT_OF_BOUNDS.match(str(e)) else ErrorCode.BAD_MESSAGE
         raise ProtocolError(code, _explain_invalid(frame, e)) from None
-    except Exception as e:  # DecodeError, and whatever else a hostile frame may provoke
+    except Exception as e:  # noqa: BLE001 - DecodeError, and whatever else a hostile frame may provoke
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"cannot decode message frame: {e}") from None
 
 
 # msgspec's words for a value that breaks a Meta constraint: "Expected `int` <= 1024 - at ..."
 _OUT_OF_BOUNDS = re.compile(r"Expected `\w+` (?:of length )?[<>]=? ")
-_REQUEST_TAGS = {cls.__struct_config__.tag: cls.__name__ for cls in Request.__args__}
-_REPLY_TAGS = {cls.__struct_config__.tag: cls.__name__ for cls in Reply.__args__}
-
-
-_REQUEST_TYPES = {cls.__struct_config__.tag: cls for cls in Request.__args__}
+_REQUEST_TYPES: dict[Any, type[msgspec.Struct]] = {cls.__struct_config__.tag: cls for cls in get_args(Request)}
+_REQUEST_TAGS = {tag: cls.__name__ for tag, cls in _REQUEST_TYPES.items()}
+_REPLY_TAGS = {cls.__struct_config__.tag: cls.__name__ for cls in get_args(Reply)}
 _AT_FIELD = re.compile(r"^(.*) - at `\$\[(\d+)\](.*)`$")
 
 
-def _name_field(cls: type, error: str) -> str:
+def _name_field(cls: type[msgspec.Struct], error: str) -> str:
     """msgspec's "... - at `$[3][0]`" as "block_ids[0]: ..." (item 0 of a message is its tag)."""
     m = _AT_FIELD.match(error)
     if m is None or not 1 <= int(m[2]) <= len(cls.__struct_fields__):

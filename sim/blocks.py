@@ -70,7 +70,7 @@ class BlockPool:
         """Records that ``blocks`` now hold the KV of ``hashes`` (full, computed blocks)."""
         if not self.prefix_caching:
             return
-        for b, h in zip(blocks, hashes):
+        for b, h in zip(blocks, hashes, strict=False):
             if h not in self._block_of and b not in self._hash_of:
                 self._block_of[h] = b
                 self._hash_of[b] = h

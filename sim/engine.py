@@ -12,18 +12,16 @@ reports it, and a finished request's blocks go back to the pool only when its st
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from lmcache import protocol as p
 from lmcache.client import MPClient, ReplyFuture
 from lmcache.config import ConnectorConfig, strip_scheme
 from lmcache.integration.vllm.adapter import SchedulerAdapter
+from lmcache.kv_transfer import TransferStats
 from sim.blocks import BlockPool, block_hashes
 from sim.model import ModelSpec
-from lmcache.kv_transfer import TransferStats
 from sim.worker import Mismatch, Span, StepResult, WorkerProcess
 from sim.workloads import VOCAB
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from sim.engine import SimEngine
 from lmcache.kv_transfer import TransferStats
+from sim.engine import SimEngine
 from sim.worker import Mismatch
 from sim.workloads import SimRequest
 
@@ -91,8 +91,8 @@ def report(engines: list[SimEngine], transfers: list[list[TransferStats]], wall:
     threads spent moving them (ranks of one engine move at the same time: their slowest counts)."""
     stats = [e.stats for e in engines]
     chunk_bytes = [e.spec.block_bytes() * (e.chunk_size // e.spec.block_size) for e in engines]
-    bytes_stored = sum(t.stored_chunks * cb for ts, cb in zip(transfers, chunk_bytes) for t in ts)
-    bytes_retrieved = sum(t.retrieved_chunks * cb for ts, cb in zip(transfers, chunk_bytes) for t in ts)
+    bytes_stored = sum(t.stored_chunks * cb for ts, cb in zip(transfers, chunk_bytes, strict=True) for t in ts)
+    bytes_retrieved = sum(t.retrieved_chunks * cb for ts, cb in zip(transfers, chunk_bytes, strict=True) for t in ts)
     store_s = sum(max(t.store_seconds for t in ts) for ts in transfers)
     retrieve_s = sum(max(t.retrieve_seconds for t in ts) for ts in transfers)
     lookups = sorted(ms for s in stats for ms in s.lookup_ms) or [0.0]

@@ -9,7 +9,6 @@ stores over, report finished loads and stores.
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmcache import protocol as p
 from lmcache.client import MPClient
 from lmcache.config import ConnectorConfig, strip_scheme
 from lmcache.integration.vllm.adapter import StepMetadata, WorkerAdapter

@@ -3,8 +3,9 @@
 Both directions are one operation, copying ``page_bytes`` from each ``src_offsets[i]`` to
 ``dst_offsets[i]``; gather and scatter only differ in which side is the KV storage. The CPU
 kernel is Numba njit, releases the GIL and runs single-threaded (a second thread measured
-slower under load); it writes with streaming stores where alignment allows (see _stream_copy). The CUDA kernel copies the same pages on a GPU, one thread block per page,
-in 16-byte words where alignment allows; it is tested on the CPU with NUMBA_ENABLE_CUDASIM=1.
+slower under load); it writes with streaming stores where alignment allows (see _stream_copy).
+The CUDA kernel copies the same pages on a GPU, one thread block per page, in 16-byte words
+where alignment allows; it is tested on the CPU with NUMBA_ENABLE_CUDASIM=1.
 
 No numpy fancy indexing on the hot path: it measured 2-4x slower than this plain loop.
 """
@@ -12,10 +13,10 @@ No numpy fancy indexing on the hot path: it measured 2-4x slower than this plain
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from llvmlite import ir
 
 
 @intrinsic

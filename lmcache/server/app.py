@@ -33,7 +33,7 @@ def _bind_http(config: ServerConfig) -> socket.socket:
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise PortInUseError("HTTP", config.http_host, config.http_port, "--http-port") from None
-        raise OSError(f"cannot listen for HTTP on {config.http_host}:{config.http_port}: {e.strerror}") from None
+        raise OSError(f"cannot listen for HTTP on {config.http_host}:{config.http_port}: {e.strerror}") from e
 
 
 def run_server(config: ServerConfig) -> int:

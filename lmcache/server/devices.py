@@ -34,7 +34,7 @@ def cupy_runtime(device: str, arena: np.ndarray, pin: bool) -> GpuRuntime:
 
 class GpuDevices:
     def __init__(
-        self, arena: np.ndarray, chunk_size: int, gpu_copy: str, renew: Callable[[Sequence[Any]], None],
+        self, arena: np.ndarray, chunk_size: int, gpu_copy: str, renew: Callable[[Sequence[Any]], object],
         renew_every_s: float, make_runtime: RuntimeFactory = cupy_runtime,
     ) -> None:
         """``renew(locks)`` keeps the L1 locks under queued copies from expiring."""
@@ -89,7 +89,7 @@ class GpuCompletions:
     runs what must follow them (publishing stored chunks, releasing read locks, closing IPC
     mappings), in queue order."""
 
-    def __init__(self, device: str = "", renew: Callable[[Sequence[Any]], None] | None = None,
+    def __init__(self, device: str = "", renew: Callable[[Sequence[Any]], object] | None = None,
                  renew_every_s: float = 10.0) -> None:
         """``renew(locks)`` keeps the L1 locks under queued copies from expiring while a slow
         engine holds the stream up."""

@@ -34,7 +34,7 @@ from lmcache.protocol import TransferMode
 from lmcache.server.copiers import NO_EVENT, Outcome
 from lmcache.server.devices import GpuDevices, RuntimeFactory, cupy_runtime
 from lmcache.server.errors import RequestError
-from lmcache.server.registry import Registration, Registry
+from lmcache.server.registry import Registry
 from lmcache.server.tickets import Ticket, TicketKind, Tickets
 from lmcache.storage.eviction import POLICIES
 from lmcache.storage.l1 import L1Cache, LockHandle, Reservation
@@ -291,7 +291,7 @@ class CacheEngine:
         chosen = [i for i, h in enumerate(res.handles) if h is not None]
         if not chosen:
             return StoreResult(0, res.present, res.skipped)
-        handles = [res.handles[i] for i in chosen]
+        handles = [h for h in res.handles if h is not None]  # in the order of chosen
         stored = [0]
         start = time.perf_counter()
 

@@ -120,7 +120,7 @@ class Registry:
         try:
             registration = self._open(spec)
         except (LayoutError, SegmentError, ValueError) as e:
-            raise RequestError(f"cannot register KV cache of {spec.instance_id}: {e}") from None
+            raise RequestError(f"cannot register KV cache of {spec.instance_id}: {e}") from e
         with self._lock:
             replaced = self._engines.get(spec.instance_id)
             self._engines[spec.instance_id] = registration
@@ -149,7 +149,7 @@ class Registry:
                 raise LayoutError(
                     f"the layout has {len(layout.storage_bytes)} storages but {len(spec.segments)} segments were named"
                 )
-            storages = [map_segment(name, size) for name, size in zip(spec.segments, layout.storage_bytes)]
+            storages = [map_segment(name, size) for name, size in zip(spec.segments, layout.storage_bytes, strict=True)]
             copier = CpuCopier(spec.instance_id, RegisteredCache(layout, storages, self._chunk_size), self._arena)
         else:
             copier = self._devices.open(spec.instance_id, layout, spec.cuda)

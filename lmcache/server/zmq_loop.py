@@ -5,8 +5,9 @@ timeouts, no busy loop), decodes each request, calls the CacheEngine and replies
 socket. Store and Retrieve copy bytes, so they run on ``--max-workers`` threads; their replies
 come back through a queue and an inproc doorbell, because only this thread may touch the
 ROUTER socket. Ping and Lookup therefore answer while big copies run. A bad request gets an
-``Error`` reply and never disturbs the loop; a reply to a peer that has gone is dropped by ZMQ. A per-message asyncio design measured 4-7x slower than this plain
-thread, which is why the loop does not share Sanic's event loop.
+``Error`` reply and never disturbs the loop; a reply to a peer that has gone is dropped by ZMQ.
+A per-message asyncio design measured 4-7x slower than this plain thread, which is why the loop
+does not share Sanic's event loop.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from typing import Any
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -90,7 +91,7 @@ class ZmqServer:
         self._in_flight: dict[str, list[Future]] = {}  # per engine instance, in arrival order (loop thread only)
         self._workers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="lmcache-worker")
         self._registrar = ThreadPoolExecutor(1, thread_name_prefix="lmcache-register")
-        self._outbox: queue.SimpleQueue[tuple[bytes, bytes, bytes]] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[bytes, bytes, p.Reply]] = queue.SimpleQueue()
         self._bell_lock = threading.Lock()
         self._request_counters = {
             cls: metrics.zmq_requests.labels(message=cls.__name__) for cls in self._handlers
@@ -126,7 +127,7 @@ class ZmqServer:
             self._close_sockets()
             if e.errno == zmq.EADDRINUSE:
                 raise PortInUseError("ZMQ", config.host, config.port, "--port") from None
-            raise OSError(f"cannot listen for ZMQ on {config.endpoint}: {e}") from None
+            raise OSError(f"cannot listen for ZMQ on {config.endpoint}: {e}") from e
         # The stop signal travels over an inproc pair so the poller needs no timeout.
         self._wake_rx = self._ctx.socket(zmq.PAIR)
         self._wake_rx.bind(f"inproc://lmcache-stop-{id(self)}")
@@ -195,7 +196,7 @@ class ZmqServer:
                 frames, count = self._receive(router)
                 try:
                     request_id, request = self._decode(frames, count)
-                    if type(request) in self._slow:
+                    if not isinstance(request, p.Error) and type(request) in self._slow:
                         self._dispatch(frames[0], request_id, request)
                     else:
                         self._send(frames[0], request_id, self._call(request))

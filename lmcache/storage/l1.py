@@ -34,12 +34,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from lmcache._fast.pool import MemoryPool, slot_size
 from lmcache.keys import HASH_BYTES, CacheScope
 from lmcache.storage.eviction import Policy
-
 
 # The expiry heap is rebuilt from the live locks once it holds more than this many entries (or
 # twice the live ones, whichever is more).
@@ -160,7 +159,7 @@ class L1Cache:
         with self._lock:
             # Later chunks first: within a prompt, earlier chunks end up more recently used, so
             # eviction takes tails before the prefixes they depend on.
-            for handle, good in zip(reversed(handles), reversed(oks)):
+            for handle, good in zip(reversed(handles), reversed(oks), strict=True):
                 if handle is None or handle.epoch != handle.obj.epoch:
                     continue  # nothing reserved, or the write lock already expired
                 obj = handle.obj
@@ -216,8 +215,10 @@ class L1Cache:
             table = self._index.get(scope, {})
             for h in hashes:
                 obj = table.get(h)
-                usable = obj is not None and obj.state is State.READY and self._read_locks < self.max_read_locks
-                out.append(self._take_lock(obj, now) if usable else None)
+                if obj is not None and obj.state is State.READY and self._read_locks < self.max_read_locks:
+                    out.append(self._take_lock(obj, now))
+                else:
+                    out.append(None)
         return out
 
     def release(self, handles: Sequence[LockHandle | None]) -> int:
@@ -391,7 +392,7 @@ class L1Cache:
                 victim_obj = donor.victim() if donor is not None else None
                 if victim_obj is None:
                     return -1
-            self._evict(victim_obj)
+            self._evict(cast(L1Object, victim_obj))  # the policies hold only this cache's objects
             offset = self.pool.alloc(nbytes)
         return offset
 

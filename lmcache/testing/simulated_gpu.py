@@ -29,7 +29,7 @@ class SimulatedRuntime:
     ) -> None:
         self.uuid = normalize_uuid(device_uuid)
         self.device = 0
-        self._arena = arena
+        self._arena: np.ndarray | None = arena
         self._exported = exported or {}
         self._kernel = kernel
         self._hold = hold

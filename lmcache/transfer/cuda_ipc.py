@@ -49,7 +49,7 @@ def validate(storages: Sequence[CudaIpcStorage], storage_bytes: Sequence[int]) -
     if len(storages) != len(storage_bytes):
         raise IpcError(f"the layout has {len(storage_bytes)} storages but {len(storages)} IPC handles were sent")
     devices = set()
-    for i, (s, size) in enumerate(zip(storages, storage_bytes)):
+    for i, (s, size) in enumerate(zip(storages, storage_bytes, strict=True)):
         if len(s.handle) != HANDLE_BYTES:
             raise IpcError(f"storage {i}: an IPC handle is {HANDLE_BYTES} bytes, got {len(s.handle)}")
         if not any(s.handle):

@@ -34,16 +34,19 @@ def visible_devices() -> list[str]:
 
         return [normalize_uuid(d.uuid) for d in cuda.list_devices()]
     except ImportError as e:
-        raise IpcError(f"the server has no CUDA support installed (CuPy and numba-cuda): {e}") from None
+        raise IpcError(f"the server has no CUDA support installed (CuPy and numba-cuda): {e}") from e
     except Exception as e:  # noqa: BLE001 - no driver, no device: one clear error
-        raise IpcError(f"the server cannot use CUDA: {e}") from None
+        raise IpcError(f"the server cannot use CUDA: {e}") from e
 
 
 class GpuRuntime(Protocol):
     """One device's CUDA runtime as the server uses it: CupyRuntime on hardware, a simulated one
     in tests (lmcache/testing/simulated_gpu.py). Markers are points on the server's stream."""
 
-    event_handles: Sequence[bytes]  # the server's interprocess events, handed to engines
+    @property
+    def event_handles(self) -> Sequence[bytes]:  # the server's interprocess events, handed to engines
+        ...
+
 
     def open_storages(self, storages: Sequence[CudaIpcStorage]) -> tuple[list[Any], list[Any]]: ...
     def close_storages(self, opened: Sequence[Any]) -> None: ...
@@ -68,7 +71,7 @@ class CupyRuntime:
             import cupy
             from numba import cuda
         except ImportError as e:
-            raise IpcError(f"the server has no CUDA support installed (CuPy and numba-cuda): {e}") from None
+            raise IpcError(f"the server has no CUDA support installed (CuPy and numba-cuda): {e}") from e
         self._cupy, self._cuda = cupy, cuda
         self.uuid = normalize_uuid(device_uuid)
         visible = visible_devices()
@@ -100,7 +103,7 @@ class CupyRuntime:
                     rt.hostUnregister(self._arena_ptr)
                 except Exception:  # noqa: BLE001
                     pass
-            raise IpcError(f"cannot set up GPU {self.uuid} on the server: {e}") from None
+            raise IpcError(f"cannot set up GPU {self.uuid} on the server: {e}") from e
 
     def _device_array(self, ptr: int, nbytes: int, owner: Any) -> Any:
         cupy = self._cupy
@@ -126,7 +129,7 @@ class CupyRuntime:
                     arrays.append(self._device_array(base + s.offset, s.nbytes, owner=None))
             except Exception as e:  # noqa: BLE001 - a stale or foreign handle
                 self._close_locked(opened)
-                raise IpcError(f"cannot open the engine's CUDA IPC handle: {e}") from None
+                raise IpcError(f"cannot open the engine's CUDA IPC handle: {e}") from e
         return arrays, opened
 
     def close_storages(self, opened: Sequence[bytes]) -> None:
@@ -159,7 +162,7 @@ class CupyRuntime:
                 try:
                     event = self._rt.ipcOpenEventHandle(bytes(event_handle))
                 except Exception as e:  # noqa: BLE001
-                    raise IpcError(f"cannot open the engine's CUDA event: {e}") from None
+                    raise IpcError(f"cannot open the engine's CUDA event: {e}") from e
                 self._opened_events[event_handle] = event
             self._rt.streamWaitEvent(self._stream.ptr, event, 0)
 

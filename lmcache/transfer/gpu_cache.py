@@ -24,6 +24,7 @@ import numpy as np
 
 from lmcache._fast.kernels import cuda_word
 from lmcache.page_layout import PageLayout
+from lmcache.transfer.cuda_runtime import GpuRuntime
 from lmcache.transfer.registered import PagePlan
 
 STRATEGIES = ("staging", "mapped")
@@ -36,7 +37,7 @@ class GpuCacheClosed(RuntimeError):
 
 class GpuCache(PagePlan):
     def __init__(
-        self, layout: PageLayout, storages: Sequence[Any], chunk_size: int, runtime: Any,
+        self, layout: PageLayout, storages: Sequence[Any], chunk_size: int, runtime: GpuRuntime,
         strategy: str = "staging", opened: Sequence[Any] = (),
     ) -> None:
         super().__init__(layout, chunk_size)

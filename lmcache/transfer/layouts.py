@@ -95,7 +95,7 @@ def _describe_layer(i: int, t: Any, kv_split: str | None) -> tuple[tuple, LayerP
 def _dense_extent(i: int, sizes: list[int], strides: list[int]) -> int:
     """Elements of a page; raises unless the page's dims pack densely (one contiguous run)."""
     expected = 1
-    for size, stride in sorted(zip(sizes, strides), key=lambda p: p[1]):
+    for size, stride in sorted(zip(sizes, strides, strict=True), key=lambda p: p[1]):
         if size == 1:
             continue
         if stride != expected:

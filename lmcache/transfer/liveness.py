@@ -17,9 +17,7 @@ import atexit
 import os
 import threading
 
-from lmcache.transfer.shm import (
-    LIVENESS_PREFIX, _DEV_SHM, SegmentError, create_locked, open_checked, unlink_if_abandoned,
-)
+from lmcache.transfer.shm import _DEV_SHM, LIVENESS_PREFIX, SegmentError, create_locked, open_checked, unlink_if_abandoned
 
 _lock = threading.Lock()
 _mark: tuple[int, str, int] | None = None  # (pid, name, fd) of this process's mark
@@ -62,7 +60,7 @@ class LivenessWatch:
         try:
             self._fd = open_checked(name, LIVENESS_PREFIX, os.O_RDONLY)
         except SegmentError as e:
-            raise SegmentError(f"liveness mark: {e}") from None
+            raise SegmentError(f"liveness mark: {e}") from e
         self.name = name
         self._dead = False
 

@@ -149,7 +149,7 @@ def open_checked(name: str, prefix: str, flags: int = os.O_RDWR) -> int:
     except FileNotFoundError:
         raise SegmentError(f"SHM segment {name} does not exist") from None
     except OSError as e:  # ELOOP: a symlink; EACCES, ENXIO, ...
-        raise SegmentError(f"cannot open SHM segment {name}: {e.strerror}") from None
+        raise SegmentError(f"cannot open SHM segment {name}: {e.strerror}") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -187,7 +187,7 @@ def unlink_if_abandoned(name: str, fd: int) -> bool:
 def remove_orphan_files(prefixes: tuple[str, ...] = (SEGMENT_PREFIX, LIVENESS_PREFIX)) -> list[str]:
     """Unlinks the engines' files in /dev/shm whose creator is gone: nobody holds their flock
     (see ``create_locked``) and they are older than ORPHAN_GRACE_S. Returns their names."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = os.listdir(_DEV_SHM)
     except OSError:

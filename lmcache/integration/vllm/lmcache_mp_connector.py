@@ -22,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from lmcache.config import ConnectorConfig
 from lmcache.integration.vllm.adapter import SchedulerAdapter, StepMetadata, WorkerAdapter
 from lmcache.log import init_logger
+from lmcache.protocol import AUTO_MODE
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -53,7 +54,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         self.config = ConnectorConfig.from_extra_config(getattr(transfer, "kv_connector_extra_config", None))
-        if self.config.mp_transfer_mode != "auto":
+        if self.config.mp_transfer_mode != AUTO_MODE:
             logger.info("lmcache.mp.mp_transfer_mode = %s (overridden, default auto)", self.config.mp_transfer_mode)
         model = vllm_config.model_config.model
         parallel = vllm_config.parallel_config
@@ -63,7 +64,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
         self._requests: dict[str, Request] = {}
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerAdapter(
-                self.config, model, world_size, vllm_config.cache_config.block_size, kv_role=transfer.kv_role or "kv_both"
+                self.config, model, world_size, vllm_config.cache_config.block_size, kv_role=getattr(transfer, "kv_role", None) or "kv_both"
             )
         else:
             self._worker = WorkerAdapter(self.config, model, world_size, _rank(vllm_config))
@@ -96,7 +97,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
             self._sync(new.req_id)
             scheduled.append((new.req_id, list(new.block_ids[0]), True, new.num_computed_tokens, counts.get(new.req_id, 0)))
         cached = scheduler_output.scheduled_cached_reqs
-        resumed = getattr(cached, "resumed_req_ids", set()) or set()
+        resumed: set[str] = getattr(cached, "resumed_req_ids", set()) or set()
         for i, req_id in enumerate(cached.req_ids):
             self._sync(req_id)
             new_blocks = cached.new_block_ids[i]
@@ -108,7 +109,7 @@ class LMCacheMPConnector(KVConnectorBase_V1):
 
     def _sync(self, req_id: str) -> None:
         request = self._requests.get(req_id)
-        if request is not None:
+        if request is not None and self._scheduler is not None:
             self._scheduler.sync_tokens(req_id, list(request.all_token_ids))
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
