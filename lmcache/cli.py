@@ -32,7 +32,7 @@ app = typer.Typer(
 
 
 # Config fields whose flag is not simply the field name with dashes.
-_FLAGS = {"lock_ttl_s": "--lock-ttl", "engine_ttl_s": "--engine-ttl"}
+_FLAGS = {"lock_ttl_s": "--lock-ttl", "engine_ttl_s": "--engine-ttl", "l2_adapters": "--l2-adapter"}
 
 
 def _choices(kind: type[enum.Enum]) -> str:
@@ -100,6 +100,17 @@ def server(
         str, typer.Option("--curve-authorized-keys", metavar="DIR",
                           help="Only let in ZMQ clients whose public key (a *.key file) is in this directory.")
     ] = "",
+    l2_adapter: Annotated[
+        list[str] | None, typer.Option("--l2-adapter", metavar="JSON",
+                                       help='A tier under L1, e.g. \'{"type": "disk", "path": "/var/cache/lmcache", '
+                                       '"max_gb": 200}\'. Repeat for several; lookups ask them in this order.')
+    ] = None,
+    l2_write_queue_mb: Annotated[
+        float, typer.Option("--l2-write-queue-mb", help="MiB of chunks waiting to be written to L2; more stay L1-only.")
+    ] = 1024.0,
+    l2_prefetch_deadline_ms: Annotated[
+        float, typer.Option("--l2-prefetch-deadline-ms", help="How long a lookup waits for chunks loading from L2.")
+    ] = 50.0,
 ) -> int:
     """Run the LMCache cache server (ZMQ for vLLM, HTTP for operators) until SIGINT or SIGTERM."""
     try:
@@ -120,6 +131,9 @@ def server(
             admin_token=admin_token,
             curve_secret_key=curve_secret_key,
             curve_authorized_keys=curve_authorized_keys,
+            l2_adapters=tuple(l2_adapter or ()),  # type: ignore[arg-type]  # ServerConfig parses the JSON
+            l2_write_queue_mb=l2_write_queue_mb,
+            l2_prefetch_deadline_ms=l2_prefetch_deadline_ms,
         )
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint=f"'{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}'") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,63 @@ def zmq_endpoint(host: str, port: int) -> str:
 
 
 @dataclass(frozen=True)
+class L2AdapterConfig:
+    """One ``--l2-adapter`` JSON object: a tier under L1. Only ``{"type": "disk", "path": ...,
+    "max_gb": ...}`` exists so far."""
+
+    type: str
+    path: str
+    max_gb: float
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_gb * GIB)
+
+    @classmethod
+    def parse(cls, text: str) -> L2AdapterConfig:
+        """Parses and checks one flag value; raises ConfigError("l2_adapters", ...)."""
+        try:
+            spec = json.loads(text)
+        except ValueError as e:
+            raise ConfigError("l2_adapters", f"is not valid JSON ({e}): {text!r}") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            raise ConfigError("l2_adapters", f'must be a JSON object with a "type" (got {text!r})')
+        if spec["type"] != "disk":
+            raise ConfigError("l2_adapters", f'unknown type {spec["type"]!r} (known: disk)')
+        unknown = set(spec) - {"type", "path", "max_gb"}
+        if unknown:
+            raise ConfigError("l2_adapters", f"disk: unknown key(s) {', '.join(sorted(unknown))} (known: path, max_gb)")
+        path, max_gb = spec.get("path"), spec.get("max_gb")
+        if not isinstance(path, str) or not path:
+            raise ConfigError("l2_adapters", 'disk: needs "path", a directory')
+        if isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or not 0 < max_gb <= MAX_L1_GB:
+            raise ConfigError("l2_adapters", f'disk: "max_gb" must be a size in GiB greater than 0 (got {max_gb!r})')
+        config = cls("disk", path, float(max_gb))
+        config._check_disk()
+        return config
+
+    def _check_disk(self) -> None:
+        import os
+
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("l2_adapters", f"disk: cannot create {self.path} ({e.strerror})") from None
+        if not os.path.isdir(self.path) or not os.access(self.path, os.W_OK | os.X_OK):
+            raise ConfigError("l2_adapters", f"disk: {self.path} is not a writable directory")
+        fs = os.statvfs(self.path)
+        if self.max_bytes > fs.f_blocks * fs.f_frsize:
+            raise ConfigError(
+                "l2_adapters",
+                f"disk: max_gb {self.max_gb:g} is more than the filesystem of {self.path} holds "
+                f"({fs.f_blocks * fs.f_frsize / GIB:.1f} GiB)",
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything `lmcache server` is started with; shown as-is by /status."""
 
@@ -85,6 +143,13 @@ class ServerConfig:
     # directory of client public certificates, if given, is the only set of clients let in.
     curve_secret_key: str = ""
     curve_authorized_keys: str = ""
+    # Tiers under L1, in lookup order (--l2-adapter, repeated): every chunk committed to L1 is
+    # written through to each; a Lookup loads what follows the L1 hits from them.
+    l2_adapters: tuple[L2AdapterConfig, ...] = ()
+    # Chunks waiting to be written to L2, at most this many MiB; more stay L1-only (counted).
+    l2_write_queue_mb: float = 1024.0
+    # How long a Lookup waits for chunks loading from L2 before it answers with what is in L1.
+    l2_prefetch_deadline_ms: float = 50.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "host", strip_scheme(self.host))
@@ -113,6 +178,14 @@ class ServerConfig:
         for field in ("host", "http_host"):
             if not getattr(self, field):
                 raise ConfigError(field, "must not be empty")
+        if not self.l2_write_queue_mb > 0:
+            raise ConfigError("l2_write_queue_mb", f"must be greater than 0 (got {self.l2_write_queue_mb:g})")
+        if not 0 <= self.l2_prefetch_deadline_ms <= 60_000:
+            raise ConfigError("l2_prefetch_deadline_ms", f"must be between 0 and 60000 (got {self.l2_prefetch_deadline_ms:g})")
+        object.__setattr__(
+            self, "l2_adapters",
+            tuple(a if isinstance(a, L2AdapterConfig) else L2AdapterConfig.parse(a) for a in self.l2_adapters),
+        )
         if self.gpu_copy not in ("staging", "mapped"):
             raise ConfigError("gpu_copy", f"must be staging or mapped (got {self.gpu_copy!r})")
         self._check_access_control()
@@ -144,6 +217,7 @@ class ServerConfig:
             for f in dataclasses.fields(self)
         }
         values["admin_token"] = mask_secret(self.admin_token)
+        values["l2_adapters"] = [a.as_dict() for a in self.l2_adapters]
         return values
 
 

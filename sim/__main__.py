@@ -52,6 +52,8 @@ class Options:
     l1_size_gb: float = _option("--l1-size-gb", 1.0, "L1 size of the server the simulator starts.")
     eviction_policy: str = _option("--eviction-policy", "LRU", "Eviction policy of that server.")
     chunk_size: int = _option("--chunk-size", 256, "Chunk size of that server.")
+    l2_adapter: list[str] | None = _option("--l2-adapter", None, "An L2 tier for the server the simulator starts "
+                                           "(its --l2-adapter JSON; repeat for several).")
     host: str | None = _option("--host", None, "Use a running server at this host instead.")
     port: int | None = _option("--port", None, "... and this ZMQ port.")
     engines: int = _option("--engines", 1, "Engine processes.")
@@ -176,7 +178,7 @@ def synth(
 
 
 @app.command()
-@shared_options(only=("requests", "eviction_policy", "chunk_size", "layout", "block_size", "model_shape", "num_blocks",
+@shared_options(only=("requests", "eviction_policy", "chunk_size", "l2_adapter", "layout", "block_size", "model_shape", "num_blocks",
                       "transfer_mode", "max_output_tokens", "report"), max_output_tokens=0)
 def sweep(
     trace: Trace,
@@ -241,7 +243,8 @@ def _run(source: Iterable[SimRequest], o: Options) -> dict[str, Any]:
         if o.port is None:
             server = stack.enter_context(ServerProcess(
                 l1_size_gb=o.l1_size_gb,
-                extra_args=["--chunk-size", str(o.chunk_size), "--eviction-policy", o.eviction_policy],
+                extra_args=["--chunk-size", str(o.chunk_size), "--eviction-policy", o.eviction_policy,
+                            *[arg for adapter in o.l2_adapter or () for arg in ("--l2-adapter", adapter)]],
             ))
             host, port = "127.0.0.1", server.port
         else:
@@ -252,7 +255,7 @@ def _run(source: Iterable[SimRequest], o: Options) -> dict[str, Any]:
             chunk = client.hello().chunk_size
             if server is not None:
                 _wait_for_prefault(client)
-            before = client.status()["l1"]
+            before = client.status()
         if chunk % o.spec.block_size:
             raise _bad(f"the server's chunk size {chunk} is not a multiple of it", "--block-size")
         tp = o.engines if o.engine_mode == "tp" else 1
@@ -268,8 +271,9 @@ def _run(source: Iterable[SimRequest], o: Options) -> dict[str, Any]:
             wall = play(source, engines, pacing, lambda n: bar.update(task, advance=n))
         transfers = [e.close() for e in engines]
         with MPClient(host, port, timeout_s=10) as client:
-            after = client.status()["l1"]
-    result = report(engines, transfers, wall, after["evictions"] - before["evictions"])
+            after = client.status()
+    result = report(engines, transfers, wall, after["l1"]["evictions"] - before["l1"]["evictions"])
+    result["hit_tokens_by_tier"] = _hits_by_tier(result["hit_tokens"], before["l2"], after["l2"], chunk, tp)
     result["memcpy_gbps"] = memcpy_gbps(engines[0].spec.block_bytes() * (chunk // o.spec.block_size) * 16)
     _print(result)
     for mismatch in mismatches(engines)[:10]:
@@ -277,6 +281,16 @@ def _run(source: Iterable[SimRequest], o: Options) -> dict[str, Any]:
     if o.report is not None:
         o.report.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _hits_by_tier(hit_tokens: int, before: dict[str, Any], after: dict[str, Any], chunk: int, ranks: int) -> dict[str, int]:
+    """The run's hit tokens by where the server found them: loaded from an L2 tier during a
+    lookup (counted once per request, not per rank), or already in L1."""
+    tiers = {
+        f"l2[{i}]:{tier['type']}": (tier["hit_chunks"] - was["hit_chunks"]) * chunk // ranks
+        for i, (tier, was) in enumerate(zip(after.get("tiers", []), before.get("tiers", []), strict=True))
+    }
+    return {"l1": max(0, hit_tokens - sum(tiers.values())), **tiers}
 
 
 def _wait_for_prefault(client: MPClient, timeout_s: float = 300.0) -> None:

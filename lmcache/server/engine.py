@@ -38,6 +38,8 @@ from lmcache.server.registry import Registry
 from lmcache.server.tickets import Ticket, TicketKind, Tickets
 from lmcache.storage.eviction import POLICIES
 from lmcache.storage.l1 import L1Cache, LockHandle, Reservation
+from lmcache.storage.l2.controller import L2
+from lmcache.storage.l2.disk import DiskTier
 from lmcache.storage.memory import check_fits
 from lmcache.transfer.shm import arena_name, remove_orphan_files, remove_stale_arenas
 
@@ -127,6 +129,11 @@ class CacheEngine:
             gpu_runtime or cupy_runtime,
         )
         self.registry = Registry(config.chunk_size, pool.slab_bytes, self._arena, self._devices, self.transfer_modes)
+        self.l2: L2 | None = None
+        if config.l2_adapters:
+            tiers = [DiskTier(a.path, a.max_bytes) for a in config.l2_adapters]
+            self.l2 = L2(tiers, self.l1, int(config.l2_write_queue_mb * (1 << 20)),
+                         config.l2_prefetch_deadline_ms / 1000, config.chunk_size)
         self._sessions: dict[str, _Session] = {}
         self._tickets = Tickets()
         self._next_sweep = 0.0
@@ -154,6 +161,8 @@ class CacheEngine:
             if self._state is not EngineState.FAILED:
                 self._state = EngineState.STOPPED
             self._sessions.clear()
+        if self.l2 is not None:
+            self.l2.close()  # the queued writes finish first (bounded), while L1 still holds them
         self.registry.close()
         self._devices.close()  # every queued GPU copy has run before L1 is unpinned
         self.l1.clear()
@@ -195,12 +204,11 @@ class CacheEngine:
         _check_scope(scope)
         if lock and not session:
             raise RequestError("a locking lookup needs a session id")
-        scopes = [scope.for_rank(r) for r in range(scope.world_size)] if all_ranks else [scope]
-        if not scope.page_format:
-            # The scheduler side cannot know the page format: take each rank's registered one.
-            scopes = self._registered_scopes(scopes)
-            if not scopes:
-                return 0
+        scopes = self._lookup_scopes(scope, all_ranks)
+        if not scopes:
+            return 0
+        if self.l2 is not None:
+            self.l2.prefetch(scopes, _split(hashes))  # what L2 holds past the L1 hits, into L1
         count, first = self.l1.lookup(scopes[0], hashes, lock)
         taken = [first]
         for s in scopes[1:]:
@@ -217,6 +225,21 @@ class CacheEngine:
                     entry.deadline = time.monotonic() + self.config.lock_ttl_s
         self._sweep()
         return count
+
+    def lookup_loads(self, scope: CacheScope, hashes: bytes, all_ranks: bool = False) -> bool:
+        """Whether a lookup would load chunks from L2 first (and so may wait for a disk): told
+        from the indexes alone, so the ZMQ loop can answer every other lookup at once."""
+        if self.l2 is None or len(hashes) % HASH_BYTES or scope.world_size < 1:
+            return False
+        split = _split(hashes)
+        return any(self.l2.would_load(s, split) for s in self._lookup_scopes(scope, all_ranks))
+
+    def _lookup_scopes(self, scope: CacheScope, all_ranks: bool) -> list[CacheScope]:
+        scopes = [scope.for_rank(r) for r in range(scope.world_size)] if all_ranks else [scope]
+        if not scope.page_format:
+            # The scheduler side cannot know the page format: take each rank's registered one.
+            scopes = self._registered_scopes(scopes)
+        return scopes
 
     def _registered_scopes(self, scopes: list[CacheScope]) -> list[CacheScope]:
         """The scopes with the page format each rank registered; empty if a rank has not."""
@@ -423,6 +446,9 @@ class CacheEngine:
         stored = self.l1.commit(handles, ok)
         if stored:
             self._log("Stored", stored, start)
+            if self.l2 is not None:
+                objects = [h.obj for h in handles if h is not None]
+                self.l2.write_through(objects[0].scope, [o.chunk_hash for o in objects])
         return stored
 
     def _log(self, what: str, chunks: int, start: float) -> None:
@@ -430,13 +456,18 @@ class CacheEngine:
 
     # --- admin ------------------------------------------------------------------------------
 
-    def clear(self) -> int:
-        """Drops every cached object, locked ones too; returns how many were dropped."""
+    def clear(self, l2: bool = False) -> int:
+        """Drops every cached object, locked ones too (and with ``l2`` every chunk of the L2
+        tiers); returns how many were dropped."""
         dropped = self.l1.clear()
         with self._lock:
             # Sessions stay: releasing their locks is what frees cleared objects under a copy.
             self._clears += 1
         logger.info("Cleared the L1 cache (%d objects)", dropped)
+        if l2 and self.l2 is not None:
+            on_disk = self.l2.clear()
+            logger.info("Cleared the L2 tiers (%d objects)", on_disk)
+            dropped += on_disk
         return dropped
 
     def status(self) -> dict[str, Any]:
@@ -466,6 +497,7 @@ class CacheEngine:
                     "clears": self._clears,
                     **{k: v for k, v in l1.items() if k != "used_bytes"},
                 },
+                "l2": self.l2.status() if self.l2 is not None else {"tiers": []},
                 "engines": engines,
                 "sessions": {"active": sum(s.deadline > now for s in self._sessions.values())},
                 "tickets": {"open": len(self._tickets)},

@@ -6,6 +6,7 @@ OPTIONS) must carry ``Authorization: Bearer <token>``; reads stay open for probe
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -74,8 +75,17 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
         return json({"status": "unhealthy", "reason": reason}, status=503)
 
     @app.post("/clear-cache")
-    async def clear_cache(_: Request) -> HTTPResponse:
-        engine.clear()
+    async def clear_cache(request: Request) -> HTTPResponse:
+        # L1 only, as the spec says; ?tier=all also empties the L2 tiers (on a thread: it
+        # deletes files).
+        tier = request.args.get("tier", "l1")
+        if tier not in ("l1", "all"):
+            count.labels(route="/clear-cache", status="400").inc()
+            return json({"status": "error", "reason": f"tier must be l1 or all (got {tier!r})"}, status=400)
+        if tier == "all":
+            await asyncio.to_thread(engine.clear, True)
+        else:
+            engine.clear()
         count.labels(route="/clear-cache", status="200").inc()
         return json({"status": "ok"})
 

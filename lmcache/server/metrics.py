@@ -54,6 +54,44 @@ class _EngineCollector(Collector):
             ("lmcache_l1_clears", "clears", "Times the cache was cleared."),
         ):
             yield CounterMetricFamily(name, text, value=l1[key])
+        yield from _l2_metrics(status["l2"])
+
+
+def _l2_metrics(l2: dict) -> Iterator[Metric]:
+    """Per tier (labels: tier index and type) and for the L2 layer as a whole."""
+    tiers = l2["tiers"]
+    if not tiers:
+        return
+    labels = ["tier", "type"]
+    for name, key, text, kind in (
+        ("lmcache_l2_capacity_bytes", "capacity_bytes", "Capacity of the tier.", GaugeMetricFamily),
+        ("lmcache_l2_used_bytes", "used_bytes", "Bytes the tier holds.", GaugeMetricFamily),
+        ("lmcache_l2_objects", "objects", "Chunks the tier holds.", GaugeMetricFamily),
+        ("lmcache_l2_written_bytes", "written_bytes", "Bytes written to the tier.", CounterMetricFamily),
+        ("lmcache_l2_read_bytes", "read_bytes", "Bytes read from the tier.", CounterMetricFamily),
+        ("lmcache_l2_hit_chunks", "hit_chunks", "Chunks loaded from the tier before a lookup answered.",
+         CounterMetricFamily),
+        ("lmcache_l2_miss_chunks", "misses", "Reads of chunks the tier did not have.", CounterMetricFamily),
+        ("lmcache_l2_corrupt_chunks", "corrupt", "Damaged chunks found (deleted, never served).", CounterMetricFamily),
+        ("lmcache_l2_evictions", "evictions", "Chunks the tier evicted to make room.", CounterMetricFamily),
+        ("lmcache_l2_write_errors", "write_errors", "Failed writes.", CounterMetricFamily),
+    ):
+        family = kind(name, text, labels=labels)
+        for i, tier in enumerate(tiers):
+            family.add_metric([str(i), tier["type"]], tier[key])
+        yield family
+    writable = GaugeMetricFamily("lmcache_l2_writable", "1 while the tier takes writes.", labels=labels)
+    for i, tier in enumerate(tiers):
+        writable.add_metric([str(i), tier["type"]], 1.0 if tier["state"] == "ok" else 0.0)
+    yield writable
+    yield GaugeMetricFamily("lmcache_l2_queue_bytes", "Bytes of chunks waiting to be written.", value=l2["queue_bytes"])
+    for name, key, text in (
+        ("lmcache_l2_dropped_writes", "dropped_writes", "Chunks left L1-only because the write queue was full."),
+        ("lmcache_l2_expired_writes", "expired_writes", "Writes dropped because their L1 lock expired."),
+        ("lmcache_l2_prefetched_chunks", "prefetched_chunks", "Chunks loaded from L2 into L1."),
+        ("lmcache_l2_prefetch_deadline_expirations", "deadline_expired", "Lookups that answered before their loads landed."),
+    ):
+        yield CounterMetricFamily(name, text, value=l2[key])
 
 
 class ServerMetrics:

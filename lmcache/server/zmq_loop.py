@@ -87,7 +87,12 @@ class ZmqServer:
         # must not queue behind other engines' copies). A Fence or an Unregister runs after
         # every earlier request of its engine: the Fence's event is recorded behind any copy
         # those queued, and an Unregister never overtakes its own Register.
-        self._slow = {p.Store, p.Retrieve, p.RegisterKVCache, p.UnregisterKVCache, p.Fence}
+        self._slow: set[type] = {p.Store, p.Retrieve, p.RegisterKVCache, p.UnregisterKVCache, p.Fence}
+        # With L2 tiers a Lookup may wait for chunks loading from them: off the loop thread, on
+        # threads of their own (never queued behind big copies).
+        self._lookups: ThreadPoolExecutor | None = None
+        if engine.l2 is not None:
+            self._lookups = ThreadPoolExecutor(4, thread_name_prefix="lmcache-lookup")
         self._in_flight: dict[str, list[Future]] = {}  # per engine instance, in arrival order (loop thread only)
         self._workers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="lmcache-worker")
         self._registrar = ThreadPoolExecutor(1, thread_name_prefix="lmcache-register")
@@ -154,6 +159,8 @@ class ZmqServer:
                 logger.warning("ZMQ loop did not stop within %.1f s", timeout_s)
         self._workers.shutdown(wait=True, cancel_futures=True)
         self._registrar.shutdown(wait=True, cancel_futures=True)
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=True, cancel_futures=True)
         self._close_sockets()
 
     def _close_sockets(self) -> None:
@@ -196,7 +203,7 @@ class ZmqServer:
                 frames, count = self._receive(router)
                 try:
                     request_id, request = self._decode(frames, count)
-                    if not isinstance(request, p.Error) and type(request) in self._slow:
+                    if not isinstance(request, p.Error) and self._is_slow(request):
                         self._dispatch(frames[0], request_id, request)
                     else:
                         self._send(frames[0], request_id, self._call(request))
@@ -241,11 +248,20 @@ class ZmqServer:
                 return
             self._send(identity, request_id, reply)
 
+    def _is_slow(self, request: p.Request) -> bool:
+        if isinstance(request, p.Lookup):  # slow only if it will wait for chunks loading from L2
+            return self._lookups is not None and self._engine.lookup_loads(request.scope, request.hashes, request.all_ranks)
+        return type(request) in self._slow
+
     def _dispatch(self, identity: bytes, request_id: bytes, request: p.Request) -> None:
         instance = getattr(request, "instance_id", "")
         earlier = [f for f in self._in_flight.get(instance, ()) if not f.done()]
         after = earlier if isinstance(request, (p.Fence, p.UnregisterKVCache)) else []
-        pool = self._registrar if isinstance(request, (p.RegisterKVCache, p.UnregisterKVCache)) else self._workers
+        pool = self._workers
+        if isinstance(request, (p.RegisterKVCache, p.UnregisterKVCache)):
+            pool = self._registrar
+        elif isinstance(request, p.Lookup) and self._lookups is not None:
+            pool = self._lookups
         future = pool.submit(self._run_slow, identity, request_id, request, after)
         self._in_flight[instance] = [*earlier, future]
         if len(self._in_flight) > 4096:  # forget engines with nothing in flight

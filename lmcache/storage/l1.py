@@ -207,6 +207,18 @@ class L1Cache:
             handles = [self._take_lock(obj, now) for obj in found] if lock else []
         return count, handles
 
+    def leading(self, scope: CacheScope, hashes: Sequence[bytes]) -> int:
+        """How many leading chunks are READY; no lock taken, nothing counted (for L2's prefetch)."""
+        with self._lock:
+            table = self._index.get(scope, {})
+            count = 0
+            for h in hashes:
+                obj = table.get(h)
+                if obj is None or obj.state is not State.READY:
+                    break
+                count += 1
+        return count
+
     def acquire(self, scope: CacheScope, hashes: Sequence[bytes]) -> list[LockHandle | None]:
         """Read-locks each READY chunk for a retrieve; None where a chunk is not available."""
         out: list[LockHandle | None] = []

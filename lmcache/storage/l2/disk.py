@@ -1,0 +1,306 @@
+"""The disk tier: one file per chunk (chunk_file.py) under a directory, with its own capacity.
+
+Layout: ``<path>/lmcache-v1/<scope digest>/<chunk hash>.kv``, plus a ``scope.json`` per scope
+that says what the digest stands for. One directory can serve several models and tenants: their
+chunks live in different scope directories and carry their scope in every header.
+
+Writes go to a temporary file that is renamed into place, so a reader never sees half a chunk;
+there is no fsync per chunk: a crash may lose the latest chunks or leave a torn file, which its
+checksum turns into a miss. The index (which chunks exist, their sizes, least recently used
+first) is rebuilt at start from the directory listing alone, without reading payloads, and the
+temporary files of a crash are removed then.
+
+Bytes move between the file and L1 memory with ``os.pwritev`` / ``os.preadv`` on memoryviews of
+the pool: no extra copy, and no GIL held while the kernel copies.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lmcache.keys import CacheScope
+from lmcache.log import init_logger
+from lmcache.storage.l2 import chunk_file
+from lmcache.storage.l2.chunk_file import HEADER_BYTES, BadChunk
+
+logger = init_logger(__name__)
+
+ROOT_NAME = "lmcache-v1"
+SUFFIX = ".kv"
+TMP_SUFFIX = ".tmp"
+# Errors after which the tier stops taking writes (and keeps serving reads).
+_STOP_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+Key = tuple[bytes, bytes]  # (scope digest, chunk hash)
+
+
+class TierState(str, enum.Enum):
+    OK = "ok"
+    READ_ONLY = "read_only"  # a write failed for lack of space or an I/O error: reads go on
+
+
+@dataclass
+class TierCounters:
+    written_chunks: int = 0
+    written_bytes: int = 0
+    read_chunks: int = 0
+    read_bytes: int = 0
+    misses: int = 0
+    corrupt: int = 0  # files that failed their header or checksum: deleted, never served
+    evictions: int = 0
+    write_errors: int = 0
+
+
+class DiskTier:
+    kind = "disk"
+
+    def __init__(self, path: str | Path, max_bytes: int) -> None:
+        self.path = Path(path)
+        self.root = self.path / ROOT_NAME
+        self.max_bytes = max_bytes
+        self.state = TierState.OK
+        self.counters = TierCounters()
+        self._lock = threading.Lock()
+        self._index: OrderedDict[Key, int] = OrderedDict()  # -> file bytes; least recently used first
+        self._used = 0
+        self._scopes: set[bytes] = set()  # scope directories known to exist
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._rebuild()
+
+    # --- the index --------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        found: list[tuple[float, Key, int]] = []
+        removed = 0
+        for scope_dir in os.scandir(self.root):
+            if not scope_dir.is_dir(follow_symlinks=False):
+                continue
+            try:
+                scope = bytes.fromhex(scope_dir.name)
+            except ValueError:
+                continue
+            self._scopes.add(scope)
+            for entry in os.scandir(scope_dir.path):
+                name = entry.name
+                if name.endswith(TMP_SUFFIX):  # a write a crash interrupted
+                    _unlink(entry.path)
+                    removed += 1
+                    continue
+                if not name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    chunk_hash = bytes.fromhex(name[: -len(SUFFIX)])
+                    st = entry.stat(follow_symlinks=False)
+                except (ValueError, OSError):
+                    continue
+                if len(chunk_hash) != 16 or st.st_size <= HEADER_BYTES:
+                    _unlink(entry.path)
+                    removed += 1
+                    continue
+                found.append((st.st_mtime, (scope, chunk_hash), st.st_size))
+        found.sort(key=lambda f: f[0])
+        for _, key, size in found:
+            self._index[key] = size
+            self._used += size
+        logger.info("L2 disk tier %s: %d chunks (%.2f GB) found, %d partial files removed",
+                    self.path, len(self._index), self._used / 1e9, removed)
+        self._make_room(0)
+
+    def payload_bytes(self, scope: bytes, chunk_hash: bytes) -> int | None:
+        """The payload size of a chunk on disk, or None (no I/O: the index answers)."""
+        size = self._index.get((scope, chunk_hash))
+        return None if size is None else size - HEADER_BYTES
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._index
+
+    # --- writes -----------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        return self.state is TierState.OK
+
+    def put(self, scope: CacheScope, scope_key: bytes, chunk_hash: bytes, tokens: int, payload: memoryview) -> bool:
+        """Writes one chunk (an L1 object's bytes); True if it is on disk afterwards."""
+        key = (scope_key, chunk_hash)
+        size = HEADER_BYTES + len(payload)
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+                return True
+            if not self.writable or size > self.max_bytes:
+                return False
+            self._make_room(size)
+            self._used += size  # reserved now, so concurrent writers cannot overfill the tier
+        final = self._file(scope_key, chunk_hash)
+        tmp = final.with_name(f"{final.name}.{threading.get_ident()}{TMP_SUFFIX}")
+        try:
+            self._ensure_scope(scope, scope_key)
+            header = chunk_file.pack(tokens, scope_key, chunk_hash, payload)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, [header, payload])
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except OSError as e:
+            _unlink(tmp)
+            with self._lock:
+                self._used -= size
+            self._write_failed(e)
+            return False
+        with self._lock:
+            self._index[key] = size
+            self.counters.written_chunks += 1
+            self.counters.written_bytes += size
+        return True
+
+    def _write_failed(self, e: OSError) -> None:
+        self.counters.write_errors += 1
+        if e.errno in _STOP_WRITES and self.state is TierState.OK:
+            self.state = TierState.READ_ONLY
+            logger.error("L2 disk tier %s stops taking writes (%s); it keeps serving what it holds", self.path, e)
+        elif e.errno not in _STOP_WRITES:
+            logger.warning("L2 disk tier %s: a write failed (%s)", self.path, e)
+
+    def _make_room(self, size: int) -> None:
+        """Evicts least recently used chunks until ``size`` more bytes fit (lock held)."""
+        while self._index and self._used + size > self.max_bytes:
+            (scope, chunk_hash), old = self._index.popitem(last=False)
+            self._used -= old
+            self.counters.evictions += 1
+            _unlink(self._file(scope, chunk_hash))
+
+    def _ensure_scope(self, scope: CacheScope, scope_key: bytes) -> None:
+        if scope_key in self._scopes:
+            return
+        folder = self.root / scope_key.hex()
+        folder.mkdir(exist_ok=True)
+        about = {
+            "model": scope.model, "world_size": scope.world_size, "rank": scope.rank,
+            "page_format": scope.page_format,
+            "salt_digest": chunk_file.checksum(scope.salt.encode()).hex() if scope.salt else "",
+        }
+        (folder / "scope.json").write_text(json.dumps(about, indent=1) + "\n")
+        self._scopes.add(scope_key)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get(self, scope_key: bytes, chunk_hash: bytes, into: memoryview) -> bool:
+        """Reads a chunk into ``into`` (an L1 slot of the chunk's size); False, and ``into`` is
+        not to be used, if the chunk is absent or fails its checks (then it is deleted)."""
+        key = (scope_key, chunk_hash)
+        path = self._file(scope_key, chunk_hash)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget(key)
+            self.counters.misses += 1
+            return False
+        except OSError as e:
+            logger.warning("L2 disk tier %s: cannot open %s (%s)", self.path, path.name, e)
+            self.counters.misses += 1
+            return False
+        try:
+            header = chunk_file.unpack(os.pread(fd, HEADER_BYTES, 0))
+            if header.payload_bytes != len(into):
+                raise BadChunk(f"payload is {header.payload_bytes} bytes, the slot {len(into)}")
+            if _read_all(fd, into, HEADER_BYTES) != len(into):
+                raise BadChunk("the file is shorter than its header says")
+            chunk_file.verify(header, scope_key, chunk_hash, into)
+        except BadChunk as e:
+            self.counters.corrupt += 1
+            logger.warning("L2 disk tier %s: %s is damaged (%s); deleted, counted as a miss", self.path, path.name, e)
+            self._forget(key)
+            _unlink(path)
+            return False
+        except OSError as e:
+            logger.warning("L2 disk tier %s: cannot read %s (%s)", self.path, path.name, e)
+            self.counters.misses += 1
+            return False
+        finally:
+            os.close(fd)
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+            self.counters.read_chunks += 1
+            self.counters.read_bytes += HEADER_BYTES + len(into)
+        return True
+
+    # --- admin ------------------------------------------------------------------------------
+
+    def delete(self, scope_key: bytes, chunk_hash: bytes) -> None:
+        self._forget((scope_key, chunk_hash))
+        _unlink(self._file(scope_key, chunk_hash))
+
+    def clear(self) -> int:
+        with self._lock:
+            dropped = len(self._index)
+            self._index.clear()
+            self._used = 0
+            self._scopes.clear()
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+        return dropped
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "path": str(self.path),
+            "capacity_bytes": self.max_bytes,
+            "used_bytes": self._used,
+            "objects": len(self._index),
+            "state": self.state.value,
+            **asdict(self.counters),
+        }
+
+    def _forget(self, key: Key) -> None:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._used -= size
+
+    def _file(self, scope_key: bytes, chunk_hash: bytes) -> Path:
+        return self.root / scope_key.hex() / f"{chunk_hash.hex()}{SUFFIX}"
+
+
+def _write_all(fd: int, buffers: list[Any]) -> None:
+    views = [memoryview(b).cast("B") for b in buffers]
+    offset = 0
+    while views:
+        written = os.pwritev(fd, views, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "a write made no progress")
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _read_all(fd: int, into: memoryview, offset: int) -> int:
+    view = into.cast("B") if into.format != "B" else into
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def _unlink(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

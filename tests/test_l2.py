@@ -1,0 +1,311 @@
+"""L2: the disk tier under L1. Real files in temporary directories, real server processes.
+
+What it must show: write-through (every stored chunk lands on disk with a valid header), warm
+restarts after SIGTERM and SIGKILL that serve the same bytes, damaged files that are misses and
+never wrong bytes, a full disk that stops writes and keeps reads, a full write queue that never
+holds up a Store, and flags that are refused in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lmcache.client import MPClient
+from lmcache.keys import CacheScope, prompt_hashes, split_hashes
+from lmcache.kv_transfer import register_kv_caches
+from lmcache.server.process import ServerProcess, lmcache_command
+from lmcache.storage.l2 import chunk_file
+from lmcache.storage.l2.chunk_file import HEADER_BYTES
+from lmcache.storage.l2.disk import ROOT_NAME, DiskTier
+from lmcache.testing.vllm_like import block_bytes, fill, make_kv
+
+CHUNK = 64  # 4 blocks of 16 tokens (make_kv's default block size)
+SCOPE = CacheScope("m", 1, 0, "fmt/a", "")
+OTHER = CacheScope("m", 1, 0, "fmt/b", "")
+
+
+def _until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _payload(i: int, n: int = 4096) -> bytes:
+    return random.Random(i).randbytes(n)
+
+
+def _chunk_files(root: Path) -> list[Path]:
+    return sorted(root.glob(f"{ROOT_NAME}/*/*.kv"))
+
+
+# --- the disk tier on its own ---------------------------------------------------------------
+
+
+def _tier_with(tmp_path: Path, n: int = 3, max_bytes: int = 1 << 20) -> tuple[DiskTier, list[bytes]]:
+    tier = DiskTier(tmp_path, max_bytes)
+    key = chunk_file.scope_id(SCOPE)
+    hashes = [bytes([i]) * 16 for i in range(n)]
+    for i, h in enumerate(hashes):
+        assert tier.put(SCOPE, key, h, CHUNK, memoryview(_payload(i)))
+    return tier, hashes
+
+
+def _get(tier: DiskTier, scope: CacheScope, h: bytes) -> bytes | None:
+    into = bytearray(4096)
+    return bytes(into) if tier.get(chunk_file.scope_id(scope), h, memoryview(into)) else None
+
+
+def test_a_chunk_round_trips_with_a_valid_header(tmp_path: Path) -> None:
+    tier, hashes = _tier_with(tmp_path)
+    for i, h in enumerate(hashes):
+        assert _get(tier, SCOPE, h) == _payload(i)
+    files = _chunk_files(tmp_path)
+    assert len(files) == 3
+    header = chunk_file.unpack(files[0].read_bytes()[:HEADER_BYTES])
+    assert header.tokens == CHUNK and header.payload_bytes == 4096 and header.scope_id == chunk_file.scope_id(SCOPE)
+    assert tier.status()["objects"] == 3 and tier.status()["used_bytes"] == 3 * (4096 + HEADER_BYTES)
+
+
+def _flip_payload_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 1234] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _bad_magic(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:4] = b"NOPE"
+    path.write_bytes(bytes(data))
+
+
+def _other_hash_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[40] ^= 1  # the chunk hash in the header
+    path.write_bytes(bytes(data))
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_flip_payload_byte, _truncate, _bad_magic, _other_hash_header, _empty])
+def test_a_damaged_chunk_is_a_miss_deleted_and_counted(tmp_path: Path, damage) -> None:
+    tier, hashes = _tier_with(tmp_path)
+    target = next(p for p in _chunk_files(tmp_path) if p.name.startswith(hashes[1].hex()))
+    damage(target)
+    assert _get(tier, SCOPE, hashes[1]) is None
+    assert not target.exists() and tier.payload_bytes(chunk_file.scope_id(SCOPE), hashes[1]) is None
+    assert tier.counters.corrupt == 1
+    assert _get(tier, SCOPE, hashes[0]) == _payload(0) and _get(tier, SCOPE, hashes[2]) == _payload(2)
+
+
+def test_a_chunk_of_another_scope_is_never_served(tmp_path: Path) -> None:
+    tier, hashes = _tier_with(tmp_path)
+    # The same file copied under another format's directory (a mixed-up or hostile directory).
+    src = next(p for p in _chunk_files(tmp_path) if p.name.startswith(hashes[0].hex()))
+    other = tmp_path / ROOT_NAME / chunk_file.scope_id(OTHER).hex()
+    other.mkdir()
+    (other / src.name).write_bytes(src.read_bytes())
+    tier = DiskTier(tmp_path, 1 << 20)  # a restart finds it
+    assert tier.payload_bytes(chunk_file.scope_id(OTHER), hashes[0]) == 4096
+    assert _get(tier, OTHER, hashes[0]) is None and tier.counters.corrupt == 1
+    assert _get(tier, SCOPE, hashes[0]) == _payload(0)
+
+
+def test_a_restart_rebuilds_the_index_and_removes_partial_files(tmp_path: Path) -> None:
+    _, hashes = _tier_with(tmp_path)
+    scope_dir = _chunk_files(tmp_path)[0].parent
+    (scope_dir / f"{'ab' * 16}.kv.123.tmp").write_bytes(b"half a chunk")
+    (scope_dir / f"{'cd' * 16}.kv").write_bytes(b"short")  # shorter than a header
+    tier = DiskTier(tmp_path, 1 << 20)
+    assert sorted(p.name for p in scope_dir.iterdir()) == sorted([f"{h.hex()}.kv" for h in hashes] + ["scope.json"])
+    assert [_get(tier, SCOPE, h) for h in hashes] == [_payload(i) for i in range(3)]
+
+
+def test_the_tier_evicts_its_least_recently_used_chunks_when_full(tmp_path: Path) -> None:
+    one = 4096 + HEADER_BYTES
+    tier, hashes = _tier_with(tmp_path, n=3, max_bytes=3 * one)
+    assert _get(tier, SCOPE, hashes[0]) == _payload(0)  # used: 1 is now the least recently used
+    key = chunk_file.scope_id(SCOPE)
+    assert tier.put(SCOPE, key, b"\x09" * 16, CHUNK, memoryview(_payload(9)))
+    assert tier.payload_bytes(key, hashes[1]) is None and tier.counters.evictions == 1
+    assert {p.name[:2] for p in _chunk_files(tmp_path)} == {"00", "02", "09"}
+    assert tier.status()["used_bytes"] == 3 * one
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from lmcache.keys import CacheScope
+from lmcache.storage.l2 import chunk_file
+from lmcache.storage.l2.disk import DiskTier
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+scope = CacheScope("m", 1, 0, "fmt/a", "")
+key = chunk_file.scope_id(scope)
+tier = DiskTier(sys.argv[1], 1 << 30)
+assert tier.put(scope, key, b"\\x01" * 16, 64, memoryview(bytes(4096)))
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))  # the "disk" takes no file over 2 KiB
+assert not tier.put(scope, key, b"\\x02" * 16, 64, memoryview(bytes(4096)))
+assert tier.state.value == "read_only", tier.state
+assert not tier.put(scope, key, b"\\x03" * 16, 64, memoryview(bytes(16)))  # stopped, even if it would fit
+into = bytearray(4096)
+assert tier.get(key, b"\\x01" * 16, memoryview(into))  # reads go on
+print("ok", tier.counters.write_errors)
+"""
+
+
+def test_a_full_disk_stops_writes_and_keeps_reads(tmp_path: Path) -> None:
+    # A file size limit makes the kernel refuse the write as a full disk would (in a child
+    # process: the limit is per process).
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "1"]
+    assert "stops taking writes" in out.stderr
+    assert [p.name[:2] for p in _chunk_files(tmp_path)] == ["01"]
+    assert not list(tmp_path.glob(f"{ROOT_NAME}/*/*.tmp"))
+
+
+# --- the flag -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('["disk"]', 'must be a JSON object with a "type"'),
+        ('{"type": "tape", "path": "/tmp"}', "unknown type 'tape'"),
+        ('{"type": "disk", "max_gb": 1}', 'needs "path"'),
+        ('{"type": "disk", "path": "/proc/lmcache-l2", "max_gb": 1}', "cannot create /proc/lmcache-l2"),
+        ('{"type": "disk", "path": "TMP", "max_gb": 0}', '"max_gb" must be a size'),
+        ('{"type": "disk", "path": "TMP", "max_gb": 100000}', "more than the filesystem"),
+        ('{"type": "disk", "path": "TMP", "max_gb": 1, "size": 3}', "unknown key(s) size"),
+    ],
+)
+def test_a_bad_l2_adapter_is_refused_in_one_line(tmp_path: Path, value: str, text: str) -> None:
+    value = value.replace("TMP", str(tmp_path))
+    out = subprocess.run(
+        [*lmcache_command(), "server", "--l1-size-gb", "0.01", "--l2-adapter", value],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2
+    assert "--l2-adapter" in out.stderr and text in out.stderr, out.stderr
+
+
+# --- through real servers ---------------------------------------------------------------------
+
+
+def _server(path: Path, *extra: str, l1_size_gb: float = 0.05) -> ServerProcess:
+    adapter = f'{{"type": "disk", "path": "{path}", "max_gb": 1}}'
+    return ServerProcess(l1_size_gb=l1_size_gb, extra_args=["--chunk-size", str(CHUNK), "--l2-adapter", adapter, *extra])
+
+
+def _l2(server: ServerProcess) -> dict:
+    return httpx.get(f"{server.http_url}/status", timeout=10).json()["l2"]
+
+
+def _drained(server: ServerProcess, chunks: int) -> bool:
+    l2 = _l2(server)
+    return l2["queue_chunks"] == 0 and l2["tiers"][0]["objects"] >= chunks
+
+
+def _store_prompt(server: ServerProcess, n_chunks: int, seed: int, mode: str) -> tuple[bytes, list[bytes]]:
+    """Stores a prompt of ``n_chunks`` from a freshly filled KV cache; returns its hashes and the
+    bytes of its blocks (what a later load must reproduce)."""
+    kv = make_kv("LBHNC", "bfloat16")
+    fill(kv, "LBHNC", seed=seed)
+    hashes = prompt_hashes(random.Random(seed).choices(range(30_000), k=CHUNK * n_chunks), CHUNK)
+    blocks = list(range(4 * n_chunks))
+    with MPClient("127.0.0.1", server.port, timeout_s=30) as client:
+        reg = register_kv_caches(client, kv, "m", instance_id=f"writer-{seed}", mode=mode)
+        assert reg.store(hashes, blocks).stored == n_chunks
+        want = [block_bytes(t, "LBHNC", b) for t in kv for b in blocks]
+        reg.unregister()
+    return hashes, want
+
+
+def _load_prompt(server: ServerProcess, hashes: bytes, mode: str) -> list[bytes]:
+    n_chunks = len(hashes) // 16
+    kv = make_kv("LBHNC", "bfloat16")
+    blocks = list(range(4 * n_chunks))
+    with MPClient("127.0.0.1", server.port, timeout_s=30) as client:
+        reg = register_kv_caches(client, kv, "m", instance_id="reader", mode=mode)
+        assert client.lookup(reg.scope(), hashes) == n_chunks
+        assert reg.retrieve(hashes, blocks).retrieved == n_chunks
+        return [block_bytes(t, "LBHNC", b) for t in kv for b in blocks]
+
+
+@pytest.mark.parametrize("mode", ["lmcache_driven", "engine_driven"])
+def test_stores_are_written_through_and_a_restart_serves_them(tmp_path: Path, mode: str) -> None:
+    with _server(tmp_path) as server:
+        hashes, want = _store_prompt(server, 6, seed=1, mode=mode)
+        _until(lambda: _drained(server, 6), "the chunks to be written to disk")
+        files = _chunk_files(tmp_path)
+        assert sorted(p.name for p in files) == sorted(f"{h.hex()}.kv" for h in split_hashes(hashes))
+        for path in files:
+            header = chunk_file.unpack(path.read_bytes()[:HEADER_BYTES])
+            assert header.tokens == CHUNK and header.payload_bytes == path.stat().st_size - HEADER_BYTES
+        server.stop(signal.SIGTERM)
+    with _server(tmp_path) as server:  # an empty L1 on the same directory
+        assert server.wait_for_line("6 chunks", 10)
+        assert _load_prompt(server, hashes, mode) == want
+        assert _l2(server)["tiers"][0]["hit_chunks"] == 6
+
+
+def test_a_killed_server_leaves_a_disk_the_next_one_serves(tmp_path: Path) -> None:
+    with _server(tmp_path) as server:
+        hashes, want = _store_prompt(server, 5, seed=2, mode="lmcache_driven")
+        _until(lambda: _drained(server, 5), "the chunks to be written to disk")
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait(10)
+    with _server(tmp_path) as server:
+        assert _load_prompt(server, hashes, "lmcache_driven") == want
+
+
+def test_clear_cache_keeps_l2_unless_asked(tmp_path: Path) -> None:
+    with _server(tmp_path) as server:
+        hashes, want = _store_prompt(server, 3, seed=3, mode="lmcache_driven")
+        _until(lambda: _drained(server, 3), "the chunks to be written to disk")
+        assert httpx.post(f"{server.http_url}/clear-cache", timeout=10).status_code == 200
+        assert _load_prompt(server, hashes, "lmcache_driven") == want  # back from disk
+        assert httpx.post(f"{server.http_url}/clear-cache?tier=all", timeout=30).status_code == 200
+        assert _l2(server)["tiers"][0]["objects"] == 0 and _chunk_files(tmp_path) == []
+        with MPClient("127.0.0.1", server.port, timeout_s=30) as client:
+            assert client.lookup(CacheScope("m", 1, 0, "", ""), hashes) == 0
+        assert httpx.post(f"{server.http_url}/clear-cache?tier=l3", timeout=10).status_code == 400
+
+
+def test_a_full_write_queue_never_holds_up_a_store(tmp_path: Path) -> None:
+    # A queue smaller than one chunk: every chunk stays L1-only, and every store still succeeds.
+    with _server(tmp_path, "--l2-write-queue-mb", "0.001") as server:
+        hashes, want = _store_prompt(server, 4, seed=4, mode="lmcache_driven")
+        l2 = _l2(server)
+        assert l2["dropped_writes"] == 4 and l2["queued_chunks"] == 0
+        assert _load_prompt(server, hashes, "lmcache_driven") == want  # from L1
+        assert _chunk_files(tmp_path) == []
+
+
+def test_two_servers_compute_the_same_keys(tmp_path: Path) -> None:
+    """Warm restarts rest on this: the chunk keys (scope digest and chained hashes) of the same
+    tokens are the same in every process."""
+    code = (
+        "from lmcache.keys import CacheScope, prompt_hashes; from lmcache.storage.l2.chunk_file import scope_id;"
+        "print(scope_id(CacheScope('m', 2, 1, 'f', 's')).hex(), prompt_hashes(list(range(1000)), 64).hex())"
+    )
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2)}
+    assert len(runs) == 1
