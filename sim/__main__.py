@@ -1,6 +1,6 @@
 """`python -m sim`: replay real or synthetic vLLM traffic against a live LMCache server.
 
-    python -m sim replay ../shared/traces/mooncake_conversation.jsonl --requests 2000 --speed 10
+    python -m sim replay sim/traces/mooncake_conversation.jsonl --requests 2000 --speed 10
     python -m sim synth repeat --requests 20 --prompt-tokens 4096 --model-shape llama-8b --sequential
 
 It starts its own server (or uses one with --host/--port), runs engine processes that drive the

@@ -309,3 +309,35 @@ def test_two_servers_compute_the_same_keys(tmp_path: Path) -> None:
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2)}
     assert len(runs) == 1
+
+
+def test_a_stalled_disk_never_holds_up_a_store(tmp_path: Path) -> None:
+    """The tier's own lock held by the test stalls every disk write (as a hung disk would):
+    stores still commit and answer, the queue holds what waits, and it drains afterwards."""
+    from lmcache import protocol as p
+    from lmcache.config import ServerConfig
+    from lmcache.server.engine import CacheEngine
+    from lmcache.transfer.layouts import describe
+    from lmcache.transfer.liveness import process_mark
+
+    adapter = f'{{"type": "disk", "path": "{tmp_path}", "max_gb": 1}}'
+    config = ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=CHUNK, l2_adapters=(adapter,))
+    engine = CacheEngine(config)  # its L1 in SHM, as lmcache_driven engines need
+    engine.start()
+    try:
+        layout, _ = describe(make_kv("LBHNC", "float16"))
+        engine.register_kv_cache(p.RegisterKVCache("e", "m", 1, 0, layout, [], p.TransferMode.LMCACHE_DRIVEN,
+                                                   liveness=process_mark()))
+        assert engine.l2 is not None
+        tier = engine.l2.tiers[0]
+        with tier._lock:  # the disk hangs
+            for seed in range(3):
+                hashes = prompt_hashes(random.Random(seed).choices(range(30_000), k=2 * CHUNK), CHUNK)
+                grant = engine.prepare_store("e", hashes)
+                assert engine.commit_store(grant.ticket, [True, True]).stored == 2
+            assert engine.l2.status()["queue_chunks"] >= 5  # one may be in the writer's hands
+            assert engine.status()["l1"]["objects"] == 6
+        assert engine.l2.drain(20)
+        assert tier.status()["objects"] == 6 and len(_chunk_files(tmp_path)) == 6
+    finally:
+        engine.close()

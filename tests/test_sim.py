@@ -12,7 +12,7 @@ import pytest
 from sim.workloads import KINDS, trace_chunk_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = ROOT.parent / "shared" / "traces"
+TRACES = ROOT / "sim" / "traces"
 CHUNK = 256
 
 
@@ -38,7 +38,7 @@ def expected_hit_tokens(trace: Path, requests: int) -> int:
     return total
 
 
-needs_traces = pytest.mark.skipif(not TRACES.exists(), reason="the shared traces are not next to this checkout")
+needs_traces = pytest.mark.skipif(not TRACES.exists(), reason="sim/traces is missing from this checkout")
 
 
 @needs_traces

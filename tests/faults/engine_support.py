@@ -65,10 +65,11 @@ def wrong_bytes(page: torch.Tensor, value: float) -> int:
     return int((got != torch.full_like(page, value).contiguous().view(torch.uint8)).sum())
 
 
-def process_state(pid: int) -> str:
-    """The state letter of /proc/<pid>/stat ("T": stopped); "gone" once the process is reaped."""
+def process_state(pid: int, thread: int | None = None) -> str:
+    """The state letter of /proc/<pid>/stat, or of one of its threads ("T": stopped); "gone"
+    once the process is reaped."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"

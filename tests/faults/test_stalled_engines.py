@@ -238,6 +238,8 @@ def test_slots_granted_after_the_client_gave_up_are_handed_back(server: ServerPr
         ):
             os.kill(server.proc.pid, signal.SIGSTOP)
             try:
+                # The stop is asynchronous: a thread still running could answer in time.
+                wait_until(lambda: _all_threads_stopped(server.proc.pid), "every server thread is stopped")
                 with pytest.raises(ServerUnavailableError):
                     call()
             finally:
@@ -245,6 +247,10 @@ def test_slots_granted_after_the_client_gave_up_are_handed_back(server: ServerPr
             # The late reply is read (and undone) by the client's next call.
             wait_until(lambda: impatient.ping() is not None and _nothing_held(client), "the late grant was handed back")
         assert impatient.lookup(reg.scope(), cached) == 2
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    return all(process_state(pid, int(task)) in ("T", "gone") for task in os.listdir(f"/proc/{pid}/task"))
 
 
 def _nothing_held(client: MPClient) -> bool:
