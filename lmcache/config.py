@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -87,8 +88,6 @@ class L2AdapterConfig:
         return config
 
     def _check_disk(self) -> None:
-        import os
-
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
@@ -182,10 +181,11 @@ class ServerConfig:
             raise ConfigError("l2_write_queue_mb", f"must be greater than 0 (got {self.l2_write_queue_mb:g})")
         if not 0 <= self.l2_prefetch_deadline_ms <= 60_000:
             raise ConfigError("l2_prefetch_deadline_ms", f"must be between 0 and 60000 (got {self.l2_prefetch_deadline_ms:g})")
-        object.__setattr__(
-            self, "l2_adapters",
-            tuple(a if isinstance(a, L2AdapterConfig) else L2AdapterConfig.parse(a) for a in self.l2_adapters),
-        )
+        adapters = tuple(a if isinstance(a, L2AdapterConfig) else L2AdapterConfig.parse(a) for a in self.l2_adapters)
+        paths = [os.path.realpath(a.path) for a in adapters]
+        if len(set(paths)) != len(paths):
+            raise ConfigError("l2_adapters", "two disk tiers name the same directory")
+        object.__setattr__(self, "l2_adapters", adapters)
         if self.gpu_copy not in ("staging", "mapped"):
             raise ConfigError("gpu_copy", f"must be staging or mapped (got {self.gpu_copy!r})")
         self._check_access_control()

@@ -26,7 +26,7 @@ from lmcache.kv_transfer import register_kv_caches
 from lmcache.server.process import ServerProcess, lmcache_command
 from lmcache.storage.l2 import chunk_file
 from lmcache.storage.l2.chunk_file import HEADER_BYTES
-from lmcache.storage.l2.disk import ROOT_NAME, DiskTier
+from lmcache.storage.l2.disk import ROOT_NAME, DirectoryInUse, DiskTier
 from lmcache.testing.vllm_like import block_bytes, fill, make_kv
 
 CHUNK = 64  # 4 blocks of 16 tokens (make_kv's default block size)
@@ -103,6 +103,29 @@ def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
+def test_one_directory_serves_one_process_at_a_time(tmp_path: Path) -> None:
+    tier, _ = _tier_with(tmp_path)
+    with pytest.raises(DirectoryInUse, match="another lmcache server uses"):
+        DiskTier(tmp_path, 1 << 20)
+    tier.close()
+    DiskTier(tmp_path, 1 << 20).close()  # free again
+
+
+def test_a_file_that_is_not_a_regular_file_is_never_read(tmp_path: Path) -> None:
+    tier, hashes = _tier_with(tmp_path)
+    target = next(p for p in _chunk_files(tmp_path) if p.name.startswith(hashes[2].hex()))
+    target.unlink()
+    os.mkfifo(target)  # a read of it would block forever
+    assert _get(tier, SCOPE, hashes[2]) is None
+    elsewhere = tmp_path / "elsewhere.kv"
+    elsewhere.write_bytes((next(p for p in _chunk_files(tmp_path) if p.name.startswith(hashes[0].hex()))).read_bytes())
+    victim = next(p for p in _chunk_files(tmp_path) if p.name.startswith(hashes[0].hex()))
+    victim.unlink()
+    victim.symlink_to(elsewhere)  # a symlink planted under a chunk's name
+    assert _get(tier, SCOPE, hashes[0]) is None
+    assert _get(tier, SCOPE, hashes[1]) == _payload(1)
+
+
 @pytest.mark.parametrize("damage", [_flip_payload_byte, _truncate, _bad_magic, _other_hash_header, _empty])
 def test_a_damaged_chunk_is_a_miss_deleted_and_counted(tmp_path: Path, damage) -> None:
     tier, hashes = _tier_with(tmp_path)
@@ -121,6 +144,7 @@ def test_a_chunk_of_another_scope_is_never_served(tmp_path: Path) -> None:
     other = tmp_path / ROOT_NAME / chunk_file.scope_id(OTHER).hex()
     other.mkdir()
     (other / src.name).write_bytes(src.read_bytes())
+    tier.close()
     tier = DiskTier(tmp_path, 1 << 20)  # a restart finds it
     assert tier.payload_bytes(chunk_file.scope_id(OTHER), hashes[0]) == 4096
     assert _get(tier, OTHER, hashes[0]) is None and tier.counters.corrupt == 1
@@ -128,7 +152,8 @@ def test_a_chunk_of_another_scope_is_never_served(tmp_path: Path) -> None:
 
 
 def test_a_restart_rebuilds_the_index_and_removes_partial_files(tmp_path: Path) -> None:
-    _, hashes = _tier_with(tmp_path)
+    first, hashes = _tier_with(tmp_path)
+    first.close()
     scope_dir = _chunk_files(tmp_path)[0].parent
     (scope_dir / f"{'ab' * 16}.kv.123.tmp").write_bytes(b"half a chunk")
     (scope_dir / f"{'cd' * 16}.kv").write_bytes(b"short")  # shorter than a header
@@ -341,3 +366,14 @@ def test_a_stalled_disk_never_holds_up_a_store(tmp_path: Path) -> None:
         assert tier.status()["objects"] == 6 and len(_chunk_files(tmp_path)) == 6
     finally:
         engine.close()
+
+
+def test_a_second_server_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    adapter = f'{{"type": "disk", "path": "{tmp_path}", "max_gb": 1}}'
+    with _server(tmp_path):
+        out = subprocess.run([*lmcache_command(), "server", "--l1-size-gb", "0.01", "--port", "1", "--http-port", "2",
+                              "--l2-adapter", adapter], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "another lmcache server uses the L2 directory" in out.stdout + out.stderr
+    twice = subprocess.run([*lmcache_command(), "server", "--l1-size-gb", "0.01", "--l2-adapter", adapter,
+                            "--l2-adapter", adapter], capture_output=True, text=True, timeout=60)
+    assert twice.returncode == 2 and "same directory" in twice.stderr

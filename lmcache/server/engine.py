@@ -107,6 +107,8 @@ class CacheEngine:
         self._lock = threading.Lock()
         self._state = EngineState.STARTING
         self._failure = ""
+        # First: a directory another server holds refuses the start before any memory is taken.
+        tiers = [DiskTier(a.path, a.max_bytes) for a in config.l2_adapters]
         if pool is None:
             check_fits(config.l1_size_bytes, f"--l1-size-gb {config.l1_size_gb:g}", shm=config.l1_shm)
             shm_name = None
@@ -130,8 +132,7 @@ class CacheEngine:
         )
         self.registry = Registry(config.chunk_size, pool.slab_bytes, self._arena, self._devices, self.transfer_modes)
         self.l2: L2 | None = None
-        if config.l2_adapters:
-            tiers = [DiskTier(a.path, a.max_bytes) for a in config.l2_adapters]
+        if tiers:
             self.l2 = L2(tiers, self.l1, int(config.l2_write_queue_mb * (1 << 20)),
                          config.l2_prefetch_deadline_ms / 1000, config.chunk_size)
         self._sessions: dict[str, _Session] = {}
@@ -161,10 +162,10 @@ class CacheEngine:
             if self._state is not EngineState.FAILED:
                 self._state = EngineState.STOPPED
             self._sessions.clear()
-        if self.l2 is not None:
-            self.l2.close()  # the queued writes finish first (bounded), while L1 still holds them
         self.registry.close()
-        self._devices.close()  # every queued GPU copy has run before L1 is unpinned
+        self._devices.close()  # every queued GPU copy has run (and published) before ...
+        if self.l2 is not None:
+            self.l2.close()  # ... the queued L2 writes finish (bounded), while L1 still holds them
         self.l1.clear()
         del self._arena
         self.l1.pool.close()
@@ -194,11 +195,14 @@ class CacheEngine:
         all_ranks: bool = False,
         lock: bool = False,
         session: str = "",
+        load: bool = True,
     ) -> int:
         """How many leading chunks are cached (for every rank of the scope's world if asked).
 
         With ``lock``, the counted chunks are read-locked on behalf of ``session`` until it
-        releases them, ends, or the lock TTL passes.
+        releases them, ends, or the lock TTL passes. With ``load`` (and L2 tiers), the chunks
+        the tiers hold past the L1 hits are loaded first, waiting up to the prefetch deadline;
+        a caller that must not wait (the ZMQ loop thread) passes False.
         """
         _check_hashes(hashes)
         _check_scope(scope)
@@ -207,8 +211,8 @@ class CacheEngine:
         scopes = self._lookup_scopes(scope, all_ranks)
         if not scopes:
             return 0
-        if self.l2 is not None:
-            self.l2.prefetch(scopes, _split(hashes))  # what L2 holds past the L1 hits, into L1
+        if load and self.l2 is not None:
+            self.l2.prefetch(scopes, _split(hashes), self.registry.object_bytes)
         count, first = self.l1.lookup(scopes[0], hashes, lock)
         taken = [first]
         for s in scopes[1:]:

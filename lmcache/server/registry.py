@@ -191,6 +191,16 @@ class Registry:
         with self._lock:
             return {(r.spec.model, r.spec.world_size, r.spec.rank): r.page_format for r in self._engines.values()}
 
+    def object_bytes(self, scope: CacheScope) -> int | None:
+        """The chunk size of a registered engine of this scope (None: none is registered)."""
+        with self._lock:
+            for r in self._engines.values():
+                s = r.spec
+                if (s.model, s.world_size, s.rank, r.page_format) == (scope.model, scope.world_size, scope.rank,
+                                                                      scope.page_format):
+                    return r.object_bytes
+        return None
+
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
             registrations = list(self._engines.values())

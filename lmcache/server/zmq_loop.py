@@ -66,7 +66,7 @@ class ZmqServer:
             p.Status: lambda _: p.StatusReply(status=engine.status()),
             p.Clear: lambda _: p.ClearReply(cleared_objects=engine.clear()),
             p.Lookup: lambda r: p.LookupReply(
-                hit_chunks=engine.lookup(r.scope, r.hashes, r.all_ranks, r.lock, r.session)
+                hit_chunks=engine.lookup(r.scope, r.hashes, r.all_ranks, r.lock, r.session, load=self._off_loop())
             ),
             p.ReleaseLocks: lambda r: p.Released(locks=engine.release_locks(r.session, r.hashes)),
             p.EndSession: lambda r: p.Released(locks=engine.end_session(r.session)),
@@ -93,7 +93,7 @@ class ZmqServer:
         self._lookups: ThreadPoolExecutor | None = None
         if engine.l2 is not None:
             self._lookups = ThreadPoolExecutor(4, thread_name_prefix="lmcache-lookup")
-        self._in_flight: dict[str, list[Future]] = {}  # per engine instance, in arrival order (loop thread only)
+        self._in_flight: dict[str | tuple[str, str], list[Future]] = {}  # per engine instance, in arrival order (loop thread only)
         self._workers = ThreadPoolExecutor(config.max_workers, thread_name_prefix="lmcache-worker")
         self._registrar = ThreadPoolExecutor(1, thread_name_prefix="lmcache-register")
         self._outbox: queue.SimpleQueue[tuple[bytes, bytes, p.Reply]] = queue.SimpleQueue()
@@ -251,19 +251,26 @@ class ZmqServer:
     def _is_slow(self, request: p.Request) -> bool:
         if isinstance(request, p.Lookup):  # slow only if it will wait for chunks loading from L2
             return self._lookups is not None and self._engine.lookup_loads(request.scope, request.hashes, request.all_ranks)
+        if isinstance(request, (p.ReleaseLocks, p.EndSession)):  # never before the session's slow lookups
+            return any(not f.done() for f in self._in_flight.get(("session", request.session), ()))
         return type(request) in self._slow
 
+    def _off_loop(self) -> bool:
+        """True on a worker: only there may a Lookup wait for chunks loading from L2."""
+        return threading.current_thread() is not self._thread
+
     def _dispatch(self, identity: bytes, request_id: bytes, request: p.Request) -> None:
-        instance = getattr(request, "instance_id", "")
-        earlier = [f for f in self._in_flight.get(instance, ()) if not f.done()]
-        after = earlier if isinstance(request, (p.Fence, p.UnregisterKVCache)) else []
+        key: str | tuple[str, str] = getattr(request, "instance_id", "")
         pool = self._workers
         if isinstance(request, (p.RegisterKVCache, p.UnregisterKVCache)):
             pool = self._registrar
-        elif isinstance(request, p.Lookup) and self._lookups is not None:
-            pool = self._lookups
+        elif isinstance(request, (p.Lookup, p.ReleaseLocks, p.EndSession)):
+            key = ("session", request.session)
+            pool = self._lookups or self._workers
+        earlier = [f for f in self._in_flight.get(key, ()) if not f.done()]
+        after = earlier if isinstance(request, (p.Fence, p.UnregisterKVCache, p.ReleaseLocks, p.EndSession)) else []
         future = pool.submit(self._run_slow, identity, request_id, request, after)
-        self._in_flight[instance] = [*earlier, future]
+        self._in_flight[key] = [*earlier, future]
         if len(self._in_flight) > 4096:  # forget engines with nothing in flight
             self._in_flight = {k: v for k, v in self._in_flight.items() if any(not f.done() for f in v)}
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from lmcache.keys import CacheScope
@@ -34,6 +35,10 @@ from lmcache.storage.l2.disk import DiskTier
 logger = init_logger(__name__)
 
 READ_THREADS = 4
+# Chunks one lookup loads from L2 at most, per rank; a longer run is loaded by the next lookups.
+MAX_PREFETCH_CHUNKS = 1024
+# Chunks waiting to be read; past this a lookup loads nothing more (a miss beats a queue).
+MAX_READ_BACKLOG = 4096
 
 
 @dataclass
@@ -69,6 +74,8 @@ class L2:
         self._writing = False
         self._stopping = False
         self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lmcache-l2-read")
+        self._counting = threading.Lock()  # counters and the read backlog, bumped from many threads
+        self._backlog = 0
         self._writer = threading.Thread(target=self._write_loop, name="lmcache-l2-write", daemon=True)
         self._writer.start()
 
@@ -85,7 +92,7 @@ class L2:
     def write_through(self, scope: CacheScope, hashes: Sequence[bytes]) -> None:
         """Queues chunks just committed to L1 for every tier (later chunks first, so a full tier
         evicts tails before the prefixes they depend on). Never blocks on I/O."""
-        if not any(t.writable for t in self.tiers):
+        if self._stopping or not any(t.writable for t in self.tiers):
             return
         key = self.scope_key(scope)
         wanted = [h for h in reversed(hashes) if not all((key, h) in t for t in self.tiers)]
@@ -138,7 +145,10 @@ class L2:
         view = self._l1.view(obj)
         try:
             for tier in self.tiers:
-                if tier.writable and tier.put(obj.scope, key, obj.chunk_hash, self._chunk_size, view):
+                # Checked again after the bytes are on disk, before the file gets its name: a
+                # lock still valid then proves the slot was never reused during the copy.
+                still_locked = lambda: self._l1.renew([handle]) > 0  # noqa: E731
+                if tier.writable and tier.put(obj.scope, key, obj.chunk_hash, self._chunk_size, view, still_locked):
                     written.append(tier)
         finally:
             del view
@@ -160,18 +170,25 @@ class L2:
 
     # --- prefetch ----------------------------------------------------------------------------------
 
-    def prefetch(self, scopes: Sequence[CacheScope], hashes: Sequence[bytes]) -> None:
+    def prefetch(self, scopes: Sequence[CacheScope], hashes: Sequence[bytes],
+                 object_bytes: Callable[[CacheScope], int | None]) -> None:
         """Loads into L1 the chunks of each scope that follow its leading L1 run and that some
-        tier holds, waiting for them until the prefetch deadline."""
+        tier holds, waiting for them until the prefetch deadline. ``object_bytes(scope)`` is the
+        size of that scope's chunks (None: no engine of it is registered, nothing to load)."""
         deadline = time.monotonic() + self._deadline_s
-        reads: list[Future[bool]] = []
-        for scope in scopes:
-            reads += self._start_reads(scope, hashes)
+        runs = [self._start_reads(scope, hashes, object_bytes(scope)) for scope in scopes]
+        reads = [future for run in runs for future, _ in run]
         if not reads:
             return
         _, pending = futures_wait(reads, max(0.0, deadline - time.monotonic()))
         if pending:
             self.counters.deadline_expired += 1
+        with self._counting:  # hits: per scope, the leading reads that landed in time
+            for run in runs:
+                for future, tier in run:
+                    if not future.done() or future.cancelled() or not future.result():
+                        break
+                    self.hit_chunks[tier] += 1
 
     def would_load(self, scope: CacheScope, hashes: Sequence[bytes]) -> bool:
         """Whether ``prefetch`` would read anything for this scope (indexes only, no I/O)."""
@@ -181,48 +198,93 @@ class L2:
         key = self.scope_key(scope)
         return any(t.payload_bytes(key, hashes[resident]) is not None for t in self.tiers)
 
-    def _start_reads(self, scope: CacheScope, hashes: Sequence[bytes]) -> list[Future[bool]]:
+    def _start_reads(self, scope: CacheScope, hashes: Sequence[bytes], size: int | None) -> list[tuple[Future[bool], int]]:
+        if size is None or self._backlog >= MAX_READ_BACKLOG:
+            return []  # nobody could load it, or the disk is far behind: a miss beats a wait
         resident = self._l1.leading(scope, hashes)
         if resident == len(hashes):
             return []
         key = self.scope_key(scope)
-        run: list[tuple[bytes, int]] = []  # (hash, tier index), the leading run some tier holds
-        size = None
-        for h in hashes[resident:]:
-            found = next(((i, n) for i, t in enumerate(self.tiers) if (n := t.payload_bytes(key, h)) is not None), None)
-            if found is None or (size is not None and found[1] != size):
+        run: list[tuple[bytes, int]] = []  # (hash, tier index): the leading run some tier holds
+        for h in hashes[resident : resident + MAX_PREFETCH_CHUNKS]:
+            tier = self._holder(key, h, size)
+            if tier is None:
                 break
-            size = found[1]
-            run.append((h, found[0]))
-        if not run or size is None:
+            run.append((h, tier))
+        if not run:
             return []
-        reservation = self._l1.reserve(scope, [h for h, _ in run], size)
-        return [
-            self._reads.submit(self._read, key, h, tier, handle)
-            for (h, tier), handle in zip(run, reservation.handles, strict=True)
-            if handle is not None
-        ]
+        # The reservations below may evict: never the leading run this lookup is counting on.
+        pinned = self._l1.acquire(scope, hashes[:resident])
+        try:
+            # Held: if a slow read outlives its write lock, the slot is orphaned, not reused.
+            reservation = self._l1.reserve(scope, [h for h, _ in run], size, held=True)
+        finally:
+            self._l1.release(pinned)
+        reads = []
+        for (h, tier), handle in zip(run, reservation.handles, strict=True):
+            if handle is None:
+                continue  # stored meanwhile, or no room
+            with self._counting:
+                self._backlog += 1
+            future = self._reads.submit(self._read, key, h, tier, handle)
+            future.add_done_callback(partial(self._if_cancelled, handle))
+            reads.append((future, tier))
+        return reads
+
+    def _holder(self, key: bytes, chunk_hash: bytes, size: int) -> int | None:
+        """The first tier that holds the chunk at the scope's chunk size (one of another size
+        cannot be this scope's: it is deleted as damaged)."""
+        for i, tier in enumerate(self.tiers):
+            found = tier.payload_bytes(key, chunk_hash)
+            if found == size:
+                return i
+            if found is not None:
+                tier.delete(key, chunk_hash)
+                tier.counters.corrupt += 1
+        return None
 
     def _read(self, key: bytes, chunk_hash: bytes, tier: int, handle: LockHandle) -> bool:
         ok = False
         try:
+            if self._l1.renew([handle]) == 0:
+                return False  # its write lock expired while it waited: the slot is an orphan
             view = self._l1.view(handle.obj)
             try:
                 ok = self.tiers[tier].get(key, chunk_hash, view)
             finally:
                 del view
         finally:
-            self._l1.commit([handle], ok)
-        if ok:
-            self.counters.prefetched_chunks += 1
-            self.hit_chunks[tier] += 1
-        else:
-            self.counters.prefetch_failed += 1
+            self._l1.commit([handle], ok)  # a no-op if the lock expired meanwhile ...
+            self._l1.release_held([handle])  # ... and then the orphaned slot is freed here
+            with self._counting:
+                self._backlog -= 1
+                if ok:
+                    self.counters.prefetched_chunks += 1
+                else:
+                    self.counters.prefetch_failed += 1
         return ok
+
+    def _if_cancelled(self, handle: LockHandle, future: Future[bool]) -> None:
+        """A read cancelled before it ran (shutdown): its reservation goes."""
+        if not future.cancelled():
+            return
+        self._l1.commit([handle], False)
+        self._l1.release_held([handle])
+        with self._counting:
+            self._backlog -= 1
 
     # --- admin ------------------------------------------------------------------------------
 
     def clear(self) -> int:
+        """Empties every tier; the writes still queued are dropped first (their chunks are
+        being cleared from L1 too)."""
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+            self._queued_bytes -= sum(w.nbytes for w in left)
+            while self._writing:
+                self._cond.wait()
+        self._l1.release([w.handle for w in left])
         return sum(t.clear() for t in self.tiers)
 
     def status(self) -> dict[str, Any]:
@@ -247,3 +309,5 @@ class L2:
         self._l1.release([w.handle for w in left])
         self._writer.join(drain_s)
         self._reads.shutdown(wait=True, cancel_futures=True)
+        for tier in self.tiers:
+            tier.close()

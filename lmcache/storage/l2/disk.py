@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import json
 import os
+import secrets
 import shutil
+import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +77,12 @@ class DiskTier:
         self._index: OrderedDict[Key, int] = OrderedDict()  # -> file bytes; least recently used first
         self._used = 0
         self._scopes: set[bytes] = set()  # scope directories known to exist
+        self._generation = 0  # bumped by clear(): a write begun before it is not indexed
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._owner = _lock_directory(self.path)  # one server per directory
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob(f".{ROOT_NAME}.cleared.*"):  # a clear a crash interrupted
+            shutil.rmtree(stale, ignore_errors=True)
         self._rebuild()
 
     # --- the index --------------------------------------------------------------------------
@@ -129,8 +138,11 @@ class DiskTier:
     def writable(self) -> bool:
         return self.state is TierState.OK
 
-    def put(self, scope: CacheScope, scope_key: bytes, chunk_hash: bytes, tokens: int, payload: memoryview) -> bool:
-        """Writes one chunk (an L1 object's bytes); True if it is on disk afterwards."""
+    def put(self, scope: CacheScope, scope_key: bytes, chunk_hash: bytes, tokens: int, payload: memoryview,
+            still_valid: Callable[[], bool] = lambda: True) -> bool:
+        """Writes one chunk (an L1 object's bytes); True if it is on disk afterwards.
+        ``still_valid()`` is asked once the bytes are written, before the file gets its name:
+        False (the payload's memory may have changed under the copy) discards the file."""
         key = (scope_key, chunk_hash)
         size = HEADER_BYTES + len(payload)
         with self._lock:
@@ -141,24 +153,36 @@ class DiskTier:
                 return False
             self._make_room(size)
             self._used += size  # reserved now, so concurrent writers cannot overfill the tier
+            generation = self._generation
         final = self._file(scope_key, chunk_hash)
-        tmp = final.with_name(f"{final.name}.{threading.get_ident()}{TMP_SUFFIX}")
+        tmp = final.with_name(f"{final.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+        named = False
         try:
             self._ensure_scope(scope, scope_key)
             header = chunk_file.pack(tokens, scope_key, chunk_hash, payload)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, [header, payload])
             finally:
                 os.close(fd)
-            os.rename(tmp, final)
+            if still_valid():
+                os.rename(tmp, final)
+                named = True
         except OSError as e:
-            _unlink(tmp)
-            with self._lock:
-                self._used -= size
+            if e.errno == errno.ENOENT:  # the scope directory went (a clear): made again next time
+                self._scopes.discard(scope_key)
             self._write_failed(e)
-            return False
+        finally:
+            if not named:
+                _unlink(tmp)
         with self._lock:
+            if self._generation != generation:  # cleared meanwhile: neither indexed nor kept
+                if named:
+                    _unlink(final)
+                return False
+            if not named:
+                self._used -= size
+                return False
             self._index[key] = size
             self.counters.written_chunks += 1
             self.counters.written_bytes += size
@@ -201,7 +225,8 @@ class DiskTier:
         key = (scope_key, chunk_hash)
         path = self._file(scope_key, chunk_hash)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # Never a symlink, never a FIFO or device that could block or lie: regular files only.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             self._forget(key)
             self.counters.misses += 1
@@ -211,6 +236,8 @@ class DiskTier:
             self.counters.misses += 1
             return False
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BadChunk("not a regular file")
             header = chunk_file.unpack(os.pread(fd, HEADER_BYTES, 0))
             if header.payload_bytes != len(into):
                 raise BadChunk(f"payload is {header.payload_bytes} bytes, the slot {len(into)}")
@@ -243,14 +270,28 @@ class DiskTier:
         _unlink(self._file(scope_key, chunk_hash))
 
     def clear(self) -> int:
+        """Drops every chunk; a tier that had stopped taking writes takes them again."""
+        trash = self.path / f".{ROOT_NAME}.cleared.{secrets.token_hex(4)}"
         with self._lock:
             dropped = len(self._index)
             self._index.clear()
             self._used = 0
             self._scopes.clear()
-            shutil.rmtree(self.root, ignore_errors=True)
+            self._generation += 1
+            self.state = TierState.OK
+            try:
+                os.rename(self.root, trash)  # at once; the files are deleted outside the lock
+            except OSError:
+                trash = self.root
             self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(trash, ignore_errors=True)
         return dropped
+
+    def close(self) -> None:
+        """Gives the directory up (another server may take it from now on)."""
+        if self._owner >= 0:
+            os.close(self._owner)
+            self._owner = -1
 
     def status(self) -> dict[str, Any]:
         return {
@@ -271,6 +312,22 @@ class DiskTier:
 
     def _file(self, scope_key: bytes, chunk_hash: bytes) -> Path:
         return self.root / scope_key.hex() / f"{chunk_hash.hex()}{SUFFIX}"
+
+
+class DirectoryInUse(OSError):
+    """Another process serves this directory."""
+
+
+def _lock_directory(path: Path) -> int:
+    """An exclusive flock on ``<path>/.lock`` for as long as this process lives: two servers on
+    one directory would delete each other's files."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DirectoryInUse(errno.EBUSY, f"another lmcache server uses the L2 directory {path}") from None
+    return fd
 
 
 def _write_all(fd: int, buffers: list[Any]) -> None:
