@@ -30,7 +30,7 @@ from lmcache.keys import CacheScope
 from lmcache.log import init_logger
 from lmcache.storage.l1 import L1Cache, LockHandle
 from lmcache.storage.l2.chunk_file import scope_id
-from lmcache.storage.l2.disk import DiskTier
+from lmcache.storage.l2.tier import Tier
 
 logger = init_logger(__name__)
 
@@ -58,7 +58,7 @@ class _Write:
 
 
 class L2:
-    def __init__(self, tiers: Sequence[DiskTier], l1: L1Cache, queue_bytes: int, deadline_s: float,
+    def __init__(self, tiers: Sequence[Tier], l1: L1Cache, queue_bytes: int, deadline_s: float,
                  chunk_size: int) -> None:
         self.tiers = list(tiers)
         self._l1 = l1
@@ -239,8 +239,7 @@ class L2:
             if found == size:
                 return i
             if found is not None:
-                tier.delete(key, chunk_hash)
-                tier.counters.corrupt += 1
+                tier.delete(key, chunk_hash, damaged=True)
         return None
 
     def _read(self, key: bytes, chunk_hash: bytes, tier: int, handle: LockHandle) -> bool:

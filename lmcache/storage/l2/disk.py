@@ -265,7 +265,8 @@ class DiskTier:
 
     # --- admin ------------------------------------------------------------------------------
 
-    def delete(self, scope_key: bytes, chunk_hash: bytes) -> None:
+    def delete(self, scope_key: bytes, chunk_hash: bytes, damaged: bool = False) -> None:
+        self.counters.corrupt += damaged
         self._forget((scope_key, chunk_hash))
         _unlink(self._file(scope_key, chunk_hash))
 
