@@ -106,7 +106,8 @@ def server(
                                        '"max_gb": 200}\'. Repeat for several; lookups ask them in this order.')
     ] = None,
     l2_write_queue_mb: Annotated[
-        float, typer.Option("--l2-write-queue-mb", help="MiB of chunks waiting to be written to L2; more stay L1-only.")
+        float, typer.Option("--l2-write-queue-mb",
+                            help="MiB of chunks waiting to be written to L2 (at most a quarter of L1); more stay L1-only.")
     ] = 1024.0,
     l2_prefetch_deadline_ms: Annotated[
         float, typer.Option("--l2-prefetch-deadline-ms", help="How long a lookup waits for chunks loading from L2.")

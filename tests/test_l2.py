@@ -123,6 +123,8 @@ def test_a_file_that_is_not_a_regular_file_is_never_read(tmp_path: Path) -> None
     victim.unlink()
     victim.symlink_to(elsewhere)  # a symlink planted under a chunk's name
     assert _get(tier, SCOPE, hashes[0]) is None
+    assert not victim.is_symlink() and elsewhere.exists()  # the link is removed, not what it names
+    assert tier.counters.corrupt == 2
     assert _get(tier, SCOPE, hashes[1]) == _payload(1)
 
 
@@ -278,6 +280,8 @@ def test_stores_are_written_through_and_a_restart_serves_them(tmp_path: Path, mo
     with _server(tmp_path) as server:
         hashes, want = _store_prompt(server, 6, seed=1, mode=mode)
         _until(lambda: _drained(server, 6), "the chunks to be written to disk")
+        status = httpx.get(f"{server.http_url}/status", timeout=10).json()
+        assert status["l2"]["queue_limit_bytes"] == status["l1"]["capacity_bytes"] // 4  # 1 GiB asked, L1 is smaller
         files = _chunk_files(tmp_path)
         assert sorted(p.name for p in files) == sorted(f"{h.hex()}.kv" for h in split_hashes(hashes))
         for path in files:

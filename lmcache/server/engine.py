@@ -133,8 +133,10 @@ class CacheEngine:
         self.registry = Registry(config.chunk_size, pool.slab_bytes, self._arena, self._devices, self.transfer_modes)
         self.l2: L2 | None = None
         if tiers:
-            self.l2 = L2(tiers, self.l1, int(config.l2_write_queue_mb * (1 << 20)),
-                         config.l2_prefetch_deadline_ms / 1000, config.chunk_size)
+            # Queued chunks cannot be evicted: a quarter of L1 at most, so a slow disk never
+            # leaves a Store without room.
+            queue_bytes = min(int(config.l2_write_queue_mb * (1 << 20)), pool.size // 4)
+            self.l2 = L2(tiers, self.l1, queue_bytes, config.l2_prefetch_deadline_ms / 1000, config.chunk_size)
         self._sessions: dict[str, _Session] = {}
         self._tickets = Tickets()
         self._next_sweep = 0.0

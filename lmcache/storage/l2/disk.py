@@ -227,14 +227,8 @@ class DiskTier:
         try:
             # Never a symlink, never a FIFO or device that could block or lie: regular files only.
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self._forget(key)
-            self.counters.misses += 1
-            return False
         except OSError as e:
-            logger.warning("L2 disk tier %s: cannot open %s (%s)", self.path, path.name, e)
-            self.counters.misses += 1
-            return False
+            return self._unreadable(key, path, e)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise BadChunk("not a regular file")
@@ -244,16 +238,8 @@ class DiskTier:
             if _read_all(fd, into, HEADER_BYTES) != len(into):
                 raise BadChunk("the file is shorter than its header says")
             chunk_file.verify(header, scope_key, chunk_hash, into)
-        except BadChunk as e:
-            self.counters.corrupt += 1
-            logger.warning("L2 disk tier %s: %s is damaged (%s); deleted, counted as a miss", self.path, path.name, e)
-            self._forget(key)
-            _unlink(path)
-            return False
-        except OSError as e:
-            logger.warning("L2 disk tier %s: cannot read %s (%s)", self.path, path.name, e)
-            self.counters.misses += 1
-            return False
+        except (BadChunk, OSError) as e:
+            return self._unreadable(key, path, e)
         finally:
             os.close(fd)
         with self._lock:
@@ -262,6 +248,23 @@ class DiskTier:
             self.counters.read_chunks += 1
             self.counters.read_bytes += HEADER_BYTES + len(into)
         return True
+
+    def _unreadable(self, key: Key, path: Path, e: Exception) -> bool:
+        """A read that failed: a missing file is forgotten; a damaged or foreign one (a bad
+        header or checksum, a symlink, not a regular file) is deleted and counted; anything else
+        (an I/O error) is a miss. Always False."""
+        if isinstance(e, FileNotFoundError):
+            self._forget(key)
+            self.counters.misses += 1
+        elif isinstance(e, BadChunk) or (isinstance(e, OSError) and e.errno == errno.ELOOP):
+            self.counters.corrupt += 1
+            logger.warning("L2 disk tier %s: %s is damaged (%s); deleted, counted as a miss", self.path, path.name, e)
+            self._forget(key)
+            _unlink(path)
+        else:
+            logger.warning("L2 disk tier %s: cannot read %s (%s)", self.path, path.name, e)
+            self.counters.misses += 1
+        return False
 
     # --- admin ------------------------------------------------------------------------------
 
