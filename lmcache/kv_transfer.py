@@ -23,7 +23,7 @@ from lmcache.client import MPClient
 from lmcache.keys import HASH_BYTES, CacheScope
 from lmcache.log import init_logger
 from lmcache.page_layout import PageLayout
-from lmcache.protocol import AUTO_MODE, CPU_MODE_CHOICES, TransferMode
+from lmcache.protocol import AUTO_MODE, CPU_MODE_CHOICES, NO_EVENT, TransferMode
 from lmcache.transfer.layouts import describe
 from lmcache.transfer.liveness import process_mark
 from lmcache.transfer.registered import RegisteredCache, storage_array
@@ -31,7 +31,6 @@ from lmcache.transfer.shm import ARENA_PREFIX, map_segment, migrate_to_shm
 
 logger = init_logger(__name__)
 
-NO_EVENT = -1  # the copies were done when the call returned
 
 
 class Stored(NamedTuple):

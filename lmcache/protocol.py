@@ -96,6 +96,10 @@ class CudaIpcStorage(msgspec.Struct, array_like=True, frozen=True):
 
 
 
+# The index of "no server event": the copies were done when the reply was sent (CPU engines).
+NO_EVENT = -1
+
+
 class _Message(msgspec.Struct, array_like=True, frozen=True):
     """Base of every wire message: encoded as a msgpack array whose first item is the tag."""
 
@@ -258,12 +262,12 @@ class StoreReply(_Message, tag=109):
     stored: int  # chunks copied into L1 by this request
     present: int  # already cached (or being cached by another request)
     skipped: int  # no room in L1
-    event: int = -1  # cuda_ipc: index of the server event recorded after the copies
+    event: int = NO_EVENT  # cuda_ipc: index of the server event recorded after the copies
 
 
 class RetrieveReply(_Message, tag=110):
     retrieved: int  # leading chunks written into the blocks; the rest were not touched
-    event: int = -1  # cuda_ipc: index of the server event recorded after the copies
+    event: int = NO_EVENT  # cuda_ipc: index of the server event recorded after the copies
 
 
 class Slots(_Message, tag=111):

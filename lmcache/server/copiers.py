@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lmcache.log import init_logger
+from lmcache.protocol import NO_EVENT
 from lmcache.server.errors import RequestError
 from lmcache.transfer import cuda_ipc
 from lmcache.transfer.gpu_cache import GpuCache
@@ -28,7 +29,6 @@ logger = init_logger(__name__)
 
 # Per chunk (a list) or for all of them (a bool): did the copy complete.
 Outcome = bool | Sequence[bool]
-NO_EVENT = -1  # the copies are done when the call returns: there is no server event to wait for
 
 
 class PageCopier(Protocol):

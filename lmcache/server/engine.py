@@ -30,8 +30,8 @@ from lmcache._fast.pool import MemoryPool
 from lmcache.config import ServerConfig
 from lmcache.keys import HASH_BYTES, CacheScope, split_hashes
 from lmcache.log import init_logger
-from lmcache.protocol import TransferMode
-from lmcache.server.copiers import NO_EVENT, Outcome
+from lmcache.protocol import NO_EVENT, TransferMode
+from lmcache.server.copiers import Outcome
 from lmcache.server.devices import GpuDevices, RuntimeFactory, cupy_runtime
 from lmcache.server.errors import RequestError
 from lmcache.server.registry import Registry
@@ -133,10 +133,8 @@ class CacheEngine:
         self.registry = Registry(config.chunk_size, pool.slab_bytes, self._arena, self._devices, self.transfer_modes)
         self.l2: L2 | None = None
         if tiers:
-            # Queued chunks cannot be evicted: a quarter of L1 at most, so a slow disk never
-            # leaves a Store without room.
-            queue_bytes = min(int(config.l2_write_queue_mb * (1 << 20)), pool.size // 4)
-            self.l2 = L2(tiers, self.l1, queue_bytes, config.l2_prefetch_deadline_ms / 1000, config.chunk_size)
+            self.l2 = L2(tiers, self.l1, int(config.l2_write_queue_mb * (1 << 20)),
+                         config.l2_prefetch_deadline_ms / 1000, config.chunk_size)
         self._sessions: dict[str, _Session] = {}
         self._tickets = Tickets()
         self._next_sweep = 0.0

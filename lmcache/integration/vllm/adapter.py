@@ -37,9 +37,9 @@ from lmcache import protocol as p
 from lmcache.client import MPClient, ReplyFuture, ServerError, ServerUnavailableError
 from lmcache.config import ConnectorConfig, strip_scheme
 from lmcache.keys import HASH_BYTES, CacheScope, prompt_hashes
-from lmcache.kv_transfer import NO_EVENT, KVTransfer, TransferStats, register_kv_caches
+from lmcache.kv_transfer import KVTransfer, TransferStats, register_kv_caches
 from lmcache.log import init_logger
-from lmcache.protocol import TransferMode
+from lmcache.protocol import NO_EVENT, TransferMode
 
 logger = init_logger(__name__)
 _FOREVER_S = 7 * 24 * 3600.0  # a Fence is waited for as long as the server is alive

@@ -62,7 +62,9 @@ class L2:
                  chunk_size: int) -> None:
         self.tiers = list(tiers)
         self._l1 = l1
-        self._queue_limit = queue_bytes
+        # Queued chunks cannot be evicted: a quarter of L1 at most, so a slow disk never leaves
+        # a Store without room.
+        self._queue_limit = min(queue_bytes, l1.pool.size // 4)
         self._deadline_s = deadline_s
         self._chunk_size = chunk_size
         self.counters = L2Counters()
@@ -144,10 +146,10 @@ class L2:
         written = []
         view = self._l1.view(obj)
         try:
+            # Asked again after the bytes are on disk, before the file gets its name: a lock
+            # still valid then proves the slot was never reused during the copy.
+            still_locked = lambda: self._l1.renew([handle]) > 0  # noqa: E731
             for tier in self.tiers:
-                # Checked again after the bytes are on disk, before the file gets its name: a
-                # lock still valid then proves the slot was never reused during the copy.
-                still_locked = lambda: self._l1.renew([handle]) > 0  # noqa: E731
                 if tier.writable and tier.put(obj.scope, key, obj.chunk_hash, self._chunk_size, view, still_locked):
                     written.append(tier)
         finally:
