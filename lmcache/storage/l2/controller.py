@@ -30,13 +30,17 @@ from lmcache.keys import CacheScope
 from lmcache.log import init_logger
 from lmcache.storage.l1 import L1Cache, LockHandle
 from lmcache.storage.l2.chunk_file import scope_id
-from lmcache.storage.l2.tier import Tier
+from lmcache.storage.l2.tier import Outgoing, Tier
 
 logger = init_logger(__name__)
 
 READ_THREADS = 4
 # Chunks one lookup loads from L2 at most, per rank; a longer run is loaded by the next lookups.
 MAX_PREFETCH_CHUNKS = 1024
+# Chunks written to the tiers in one go (one round trip to a shared tier): at most this many ...
+WRITE_BATCH_CHUNKS = 32
+# ... and this many bytes (a Redis transaction holds them all in the server's query buffer).
+WRITE_BATCH_BYTES = 64 << 20
 # Chunks waiting to be read; past this a lookup loads nothing more (a miss beats a queue).
 MAX_READ_BACKLOG = 4096
 
@@ -124,40 +128,53 @@ class L2:
                     self._cond.wait()
                 if self._stopping and not self._queue:
                     return
-                item = self._queue.popleft()
+                batch = [self._queue.popleft()]  # one batch: one round trip per shared tier
+                size = batch[0].nbytes
+                while self._queue and len(batch) < WRITE_BATCH_CHUNKS and size + self._queue[0].nbytes <= WRITE_BATCH_BYTES:
+                    size += self._queue[0].nbytes
+                    batch.append(self._queue.popleft())
                 self._writing = True
             try:
-                self._write(item)
+                self._write(batch)
             except Exception:  # noqa: BLE001 - one bad write must not stop the writer
                 logger.exception("L2 write failed")
             finally:
                 with self._cond:
-                    self._queued_bytes -= item.nbytes
+                    self._queued_bytes -= size
                     self._writing = False
                     self._cond.notify_all()
 
-    def _write(self, item: _Write) -> None:
-        handle = item.handle
-        obj = handle.obj
-        if self._l1.renew([handle]) == 0:  # the lock expired while queued: the slot may hold another chunk
-            self.counters.expired_writes += 1
-            return
-        key = self.scope_key(obj.scope)
-        written = []
-        view = self._l1.view(obj)
-        try:
-            # Asked again after the bytes are on disk, before the file gets its name: a lock
-            # still valid then proves the slot was never reused during the copy.
-            still_locked = lambda: self._l1.renew([handle]) > 0  # noqa: E731
-            for tier in self.tiers:
-                if tier.writable and tier.put(obj.scope, key, obj.chunk_hash, self._chunk_size, view, still_locked):
-                    written.append(tier)
-        finally:
-            del view
-            if self._l1.release([handle]) == 0:  # expired during the write: what was written may be wrong
+    def _write(self, batch: list[_Write]) -> None:
+        live = []
+        for item in batch:
+            if self._l1.renew([item.handle]) == 0:  # expired while queued: the slot may hold another chunk
                 self.counters.expired_writes += 1
-                for tier in written:
-                    tier.delete(key, obj.chunk_hash)
+            else:
+                live.append(item.handle)
+        if not live:
+            return
+        views = [self._l1.view(h.obj) for h in live]
+        written: list[list[Tier]] = [[] for _ in live]
+        try:
+            # Asked again once the bytes have left L1, before anyone can read them: a lock still
+            # valid then proves the slot was never reused during the copy.
+            chunks = [
+                Outgoing(h.obj.scope, self.scope_key(h.obj.scope), h.obj.chunk_hash, self._chunk_size, view,
+                         partial(_still_locked, self._l1, h))
+                for h, view in zip(live, views, strict=True)
+            ]
+            for tier in self.tiers:
+                if tier.writable:
+                    for i, ok in enumerate(tier.put_many(chunks)):
+                        if ok:
+                            written[i].append(tier)
+        finally:
+            del views
+            for handle, tiers in zip(live, written, strict=True):
+                if self._l1.release([handle]) == 0:  # expired during the write: what was written may be wrong
+                    self.counters.expired_writes += 1
+                    for tier in tiers:
+                        tier.delete(self.scope_key(handle.obj.scope), handle.obj.chunk_hash)
 
     def drain(self, timeout_s: float) -> bool:
         """Waits until every queued write is done (tests, shutdown); True if it was."""
@@ -198,7 +215,7 @@ class L2:
         if resident == len(hashes):
             return False
         key = self.scope_key(scope)
-        return any(t.payload_bytes(key, hashes[resident]) is not None for t in self.tiers)
+        return any(t.may_hold(key, hashes[resident]) for t in self.tiers)
 
     def _start_reads(self, scope: CacheScope, hashes: Sequence[bytes], size: int | None) -> list[tuple[Future[bool], int]]:
         if size is None or self._backlog >= MAX_READ_BACKLOG:
@@ -207,12 +224,9 @@ class L2:
         if resident == len(hashes):
             return []
         key = self.scope_key(scope)
-        run: list[tuple[bytes, int]] = []  # (hash, tier index): the leading run some tier holds
-        for h in hashes[resident : resident + MAX_PREFETCH_CHUNKS]:
-            tier = self._holder(key, h, size)
-            if tier is None:
-                break
-            run.append((h, tier))
+        wanted = hashes[resident : resident + MAX_PREFETCH_CHUNKS]
+        run = list(zip(wanted, self._holders(key, wanted, size), strict=True))  # (hash, tier index)
+        run = run[: next((i for i, (_, tier) in enumerate(run) if tier < 0), len(run))]
         if not run:
             return []
         # The reservations below may evict: never the leading run this lookup is counting on.
@@ -233,16 +247,21 @@ class L2:
             reads.append((future, tier))
         return reads
 
-    def _holder(self, key: bytes, chunk_hash: bytes, size: int) -> int | None:
-        """The first tier that holds the chunk at the scope's chunk size (one of another size
+    def _holders(self, key: bytes, hashes: Sequence[bytes], size: int) -> list[int]:
+        """For each chunk, the first tier that holds it at the scope's chunk size, or -1. Each
+        tier is asked once, for the chunks the tiers before it lack (a chunk of another size
         cannot be this scope's: it is deleted as damaged)."""
+        holders = [-1] * len(hashes)
         for i, tier in enumerate(self.tiers):
-            found = tier.payload_bytes(key, chunk_hash)
-            if found == size:
-                return i
-            if found is not None:
-                tier.delete(key, chunk_hash, damaged=True)
-        return None
+            todo = [j for j, t in enumerate(holders) if t < 0]
+            if not todo:
+                break
+            for j, found in zip(todo, tier.held(key, [hashes[j] for j in todo]), strict=True):
+                if found == size:
+                    holders[j] = i
+                elif found is not None:
+                    tier.delete(key, hashes[j], damaged=True)
+        return holders
 
     def _read(self, key: bytes, chunk_hash: bytes, tier: int, handle: LockHandle) -> bool:
         ok = False
@@ -312,3 +331,7 @@ class L2:
         self._reads.shutdown(wait=True, cancel_futures=True)
         for tier in self.tiers:
             tier.close()
+
+
+def _still_locked(l1: L1Cache, handle: LockHandle) -> bool:
+    return l1.renew([handle]) > 0

@@ -26,7 +26,7 @@ import shutil
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from lmcache.keys import CacheScope
 from lmcache.log import init_logger
 from lmcache.storage.l2 import chunk_file
 from lmcache.storage.l2.chunk_file import HEADER_BYTES, BadChunk
+from lmcache.storage.l2.tier import Outgoing
 
 logger = init_logger(__name__)
 
@@ -132,11 +133,20 @@ class DiskTier:
     def __contains__(self, key: Key) -> bool:
         return key in self._index
 
+    def may_hold(self, scope_key: bytes, chunk_hash: bytes) -> bool:
+        return (scope_key, chunk_hash) in self._index
+
+    def held(self, scope_key: bytes, chunk_hashes: Sequence[bytes]) -> list[int | None]:
+        return [self.payload_bytes(scope_key, h) for h in chunk_hashes]
+
     # --- writes -----------------------------------------------------------------------------
 
     @property
     def writable(self) -> bool:
         return self.state is TierState.OK
+
+    def put_many(self, chunks: Sequence[Outgoing]) -> list[bool]:
+        return [self.put(c.scope, c.scope_key, c.chunk_hash, c.tokens, c.payload, c.still_valid) for c in chunks]
 
     def put(self, scope: CacheScope, scope_key: bytes, chunk_hash: bytes, tokens: int, payload: memoryview,
             still_valid: Callable[[], bool] = lambda: True) -> bool:

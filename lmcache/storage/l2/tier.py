@@ -1,34 +1,58 @@
-"""What every L2 tier implements (the disk tier today; Redis next), so the controller that moves
-chunks between L1 and the tiers never learns which kind it talks to."""
+"""What every L2 tier implements (disk, Redis), so the controller that moves chunks between L1
+and the tiers never learns which kind it talks to.
+
+A local tier (disk) knows what it holds without I/O; a shared one (Redis) does not: other
+servers write to it. So the questions the controller asks come in two kinds: ``may_hold`` and
+``__contains__`` never do I/O, and ``held`` may cost one round trip for a whole run of chunks.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lmcache.keys import CacheScope
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One chunk on its way from L1 to a tier. ``payload`` is the L1 object's memory, valid
+    only while ``still_valid()`` holds: a tier asks it after the bytes left that memory and
+    before anyone else can see them (or deletes them if it turns False)."""
+
+    scope: CacheScope
+    scope_key: bytes
+    chunk_hash: bytes
+    tokens: int
+    payload: memoryview
+    still_valid: Callable[[], bool]
+
+
 class Tier(Protocol):
-    kind: str  # "disk", ...
+    kind: str  # "disk", "redis", "redis-cluster"
 
     @property
     def writable(self) -> bool:
-        """False once the tier stopped taking writes (full, failing); reads go on."""
+        """False while the tier takes no writes (full, failing, unreachable)."""
         ...
 
     def __contains__(self, key: tuple[bytes, bytes]) -> bool:
-        """Whether (scope digest, chunk hash) is held, from the index alone (no I/O)."""
+        """Whether (scope digest, chunk hash) is surely held, known without I/O (a shared
+        tier answers False: it asks before writing instead)."""
         ...
 
-    def payload_bytes(self, scope_key: bytes, chunk_hash: bytes) -> int | None:
-        """The chunk's payload size if held (no I/O), else None."""
+    def may_hold(self, scope_key: bytes, chunk_hash: bytes) -> bool:
+        """False only if the tier surely lacks the chunk or cannot be asked now (no I/O)."""
         ...
 
-    def put(self, scope: CacheScope, scope_key: bytes, chunk_hash: bytes, tokens: int, payload: memoryview,
-            still_valid: Callable[[], bool] = ...) -> bool:
-        """Stores a chunk straight from L1 memory; True if the tier holds it afterwards. It is
-        kept only if ``still_valid()`` holds once the bytes are copied."""
+    def held(self, scope_key: bytes, chunk_hashes: Sequence[bytes]) -> list[int | None]:
+        """Each chunk's payload size if held, else None: at most one round trip, bounded by
+        the tier's lookup timeout (an unreachable tier answers None for all)."""
+        ...
+
+    def put_many(self, chunks: Sequence[Outgoing]) -> list[bool]:
+        """Stores chunks straight from L1 memory; for each, whether the tier holds it afterwards."""
         ...
 
     def get(self, scope_key: bytes, chunk_hash: bytes, into: memoryview) -> bool:
@@ -45,7 +69,8 @@ class Tier(Protocol):
         ...
 
     def status(self) -> dict[str, Any]:
-        """type, capacity_bytes, used_bytes, objects, state and counters, for /status."""
+        """type, state, counters and (where the tier keeps them) capacity_bytes, used_bytes and
+        objects, for /status."""
         ...
 
     def close(self) -> None: ...
