@@ -103,7 +103,9 @@ def server(
     l2_adapter: Annotated[
         list[str] | None, typer.Option("--l2-adapter", metavar="JSON",
                                        help='A tier under L1, e.g. \'{"type": "disk", "path": "/var/cache/lmcache", '
-                                       '"max_gb": 200}\'. Repeat for several; lookups ask them in this order.')
+                                       '"max_gb": 200}\', \'{"type": "redis", "url": "redis://host:6379/0"}\' or '
+                                       '\'{"type": "redis-cluster", "nodes": ["host:7000"]}\' (Redis options: namespace, '
+                                       'connections, timeout_ms). Repeat for several; lookups ask them in this order.')
     ] = None,
     l2_write_queue_mb: Annotated[
         float, typer.Option("--l2-write-queue-mb",

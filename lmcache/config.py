@@ -11,9 +11,11 @@ import dataclasses
 import enum
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from lmcache.protocol import AUTO_MODE, CPU_MODE_CHOICES
 
@@ -53,12 +55,26 @@ def zmq_endpoint(host: str, port: int) -> str:
 
 @dataclass(frozen=True)
 class L2AdapterConfig:
-    """One ``--l2-adapter`` JSON object: a tier under L1. Only ``{"type": "disk", "path": ...,
-    "max_gb": ...}`` exists so far."""
+    """One ``--l2-adapter`` JSON object: a tier under L1.
+
+    - ``{"type": "disk", "path": DIR, "max_gb": N}``: chunk files in a local directory.
+    - ``{"type": "redis", "url": "redis://host:6379/0"}``: one Redis (or Valkey) server, shared
+      by every lmcache server that names it; ``rediss://`` and ``unix://`` URLs too.
+    - ``{"type": "redis-cluster", "nodes": ["host:7000", ...]}``: a Redis Cluster, from one or
+      more seed nodes.
+
+    Redis options: ``namespace`` (keys of different namespaces never meet; default "default"),
+    ``connections`` (per server, default 8) and ``timeout_ms`` (every call, default 1000).
+    """
 
     type: str
-    path: str
-    max_gb: float
+    path: str = ""
+    max_gb: float = 0.0
+    url: str = ""
+    nodes: tuple[str, ...] = ()
+    namespace: str = "default"
+    connections: int = 8
+    timeout_ms: float = 1000.0
 
     @property
     def max_bytes(self) -> int:
@@ -73,11 +89,20 @@ class L2AdapterConfig:
             raise ConfigError("l2_adapters", f"is not valid JSON ({e}): {text!r}") from None
         if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
             raise ConfigError("l2_adapters", f'must be a JSON object with a "type" (got {text!r})')
-        if spec["type"] != "disk":
-            raise ConfigError("l2_adapters", f'unknown type {spec["type"]!r} (known: disk)')
-        unknown = set(spec) - {"type", "path", "max_gb"}
+        kind = spec["type"]
+        known = _L2_KEYS.get(kind)
+        if known is None:
+            raise ConfigError("l2_adapters", f"unknown type {kind!r} (known: {', '.join(_L2_KEYS)})")
+        unknown = set(spec) - known
         if unknown:
-            raise ConfigError("l2_adapters", f"disk: unknown key(s) {', '.join(sorted(unknown))} (known: path, max_gb)")
+            raise ConfigError("l2_adapters", f"{kind}: unknown key(s) {', '.join(sorted(unknown))} "
+                                             f"(known: {', '.join(sorted(known - {'type'}))})")
+        if kind == "disk":
+            return cls._disk(spec)
+        return cls._redis(kind, spec)
+
+    @classmethod
+    def _disk(cls, spec: dict[str, Any]) -> L2AdapterConfig:
         path, max_gb = spec.get("path"), spec.get("max_gb")
         if not isinstance(path, str) or not path:
             raise ConfigError("l2_adapters", 'disk: needs "path", a directory')
@@ -86,6 +111,41 @@ class L2AdapterConfig:
         config = cls("disk", path, float(max_gb))
         config._check_disk()
         return config
+
+    @classmethod
+    def _redis(cls, kind: str, spec: dict[str, Any]) -> L2AdapterConfig:
+        url, nodes = spec.get("url", ""), spec.get("nodes", [])
+        if kind == "redis-cluster" and url and not nodes:
+            nodes = [url]  # one seed, as a URL
+        if kind == "redis":
+            if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+                raise ConfigError("l2_adapters", f'redis: needs "url", redis://host:port/db, rediss://... or unix://... (got {url!r})')
+            _check_host_port(kind, url, needs_port=False)
+        else:
+            if isinstance(nodes, str) or not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes):
+                raise ConfigError("l2_adapters", f'redis-cluster: needs "nodes", a list of "host:port" seeds (got {nodes!r})')
+            nodes = [n.removeprefix("redis://").rstrip("/") for n in nodes]
+            for node in nodes:
+                _check_host_port(kind, f"redis://{node}", needs_port=True)
+        namespace = spec.get("namespace", "default")
+        if not isinstance(namespace, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", namespace):
+            raise ConfigError("l2_adapters", f'{kind}: "namespace" must be 1 to 64 of A-Z a-z 0-9 . _ - (got {namespace!r})')
+        connections = spec.get("connections", 8)
+        if isinstance(connections, bool) or not isinstance(connections, int) or not 1 <= connections <= 256:
+            raise ConfigError("l2_adapters", f'{kind}: "connections" must be a whole number from 1 to 256 (got {connections!r})')
+        timeout_ms = spec.get("timeout_ms", 1000)
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or not 1 <= timeout_ms <= 60_000:
+            raise ConfigError("l2_adapters", f'{kind}: "timeout_ms" must be between 1 and 60000 (got {timeout_ms!r})')
+        return cls(kind, url=url if kind == "redis" else "", nodes=tuple(nodes), namespace=namespace,
+                   connections=connections, timeout_ms=float(timeout_ms))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flag's JSON again, without what the type does not use, and without a password."""
+        if self.type == "disk":
+            return {"type": "disk", "path": self.path, "max_gb": self.max_gb}
+        where: dict[str, Any] = {"url": redacted_url(self.url)} if self.type == "redis" else {"nodes": list(self.nodes)}
+        return {"type": self.type, **where, "namespace": self.namespace, "connections": self.connections,
+                "timeout_ms": self.timeout_ms}
 
     def _check_disk(self) -> None:
         try:
@@ -102,8 +162,34 @@ class L2AdapterConfig:
                 f"({fs.f_blocks * fs.f_frsize / GIB:.1f} GiB)",
             )
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+
+_L2_KEYS = {
+    "disk": {"type", "path", "max_gb"},
+    "redis": {"type", "url", "namespace", "connections", "timeout_ms"},
+    "redis-cluster": {"type", "nodes", "url", "namespace", "connections", "timeout_ms"},
+}
+
+
+def _check_host_port(kind: str, url: str, needs_port: bool) -> None:
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1 or (needs_port and port is None):
+        raise ConfigError("l2_adapters", f"{kind}: {redacted_url(url)!r} is not host:port")
+
+
+def redacted_url(url: str) -> str:
+    """A URL without its password (it goes to logs and /status)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 @dataclass(frozen=True)
@@ -182,7 +268,7 @@ class ServerConfig:
         if not 0 <= self.l2_prefetch_deadline_ms <= 60_000:
             raise ConfigError("l2_prefetch_deadline_ms", f"must be between 0 and 60000 (got {self.l2_prefetch_deadline_ms:g})")
         adapters = tuple(a if isinstance(a, L2AdapterConfig) else L2AdapterConfig.parse(a) for a in self.l2_adapters)
-        paths = [os.path.realpath(a.path) for a in adapters]
+        paths = [os.path.realpath(a.path) for a in adapters if a.type == "disk"]
         if len(set(paths)) != len(paths):
             raise ConfigError("l2_adapters", "two disk tiers name the same directory")
         object.__setattr__(self, "l2_adapters", adapters)

@@ -39,7 +39,7 @@ from lmcache.server.tickets import Ticket, TicketKind, Tickets
 from lmcache.storage.eviction import POLICIES
 from lmcache.storage.l1 import L1Cache, LockHandle, Reservation
 from lmcache.storage.l2.controller import L2
-from lmcache.storage.l2.disk import DiskTier
+from lmcache.storage.l2.tiers import open_tiers
 from lmcache.storage.memory import check_fits
 from lmcache.transfer.shm import arena_name, remove_orphan_files, remove_stale_arenas
 
@@ -108,7 +108,7 @@ class CacheEngine:
         self._state = EngineState.STARTING
         self._failure = ""
         # First: a directory another server holds refuses the start before any memory is taken.
-        tiers = [DiskTier(a.path, a.max_bytes) for a in config.l2_adapters]
+        tiers = open_tiers(config.l2_adapters, config.l2_prefetch_deadline_ms / 1000)
         if pool is None:
             check_fits(config.l1_size_bytes, f"--l1-size-gb {config.l1_size_gb:g}", shm=config.l1_shm)
             shm_name = None

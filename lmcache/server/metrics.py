@@ -78,7 +78,8 @@ def _l2_metrics(l2: dict) -> Iterator[Metric]:
     ):
         family = kind(name, text, labels=labels)
         for i, tier in enumerate(tiers):
-            family.add_metric([str(i), tier["type"]], tier[key])
+            if tier.get(key) is not None:  # Redis keeps its own capacity and usage
+                family.add_metric([str(i), tier["type"]], tier[key])
         yield family
     writable = GaugeMetricFamily("lmcache_l2_writable", "1 while the tier takes writes.", labels=labels)
     for i, tier in enumerate(tiers):
