@@ -7,6 +7,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A real redis-server for the Redis tier's tests (Debian's package); they skip, saying so, only
+# where it cannot be installed.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    if (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) \
+        >/tmp/lmcache-apt.log 2>&1; then
+        echo "scripts/test.sh: installed redis-server $(redis-server --version | cut -d' ' -f3)"
+    else
+        echo "scripts/test.sh: WARNING: could not install redis-server (see /tmp/lmcache-apt.log); the Redis tests will skip"
+    fi
+fi
+
 python3.11 -m venv .venv
 .venv/bin/pip install -e '.[test]'
 .venv/bin/pip install --no-deps vllm==0.33.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.11

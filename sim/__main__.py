@@ -154,9 +154,16 @@ Trace = Annotated[Path, typer.Argument(help="A Mooncake JSONL trace.", exists=Tr
 
 @app.command()
 @shared_options()
-def replay(trace: Trace, *, opts: Options) -> None:
+def replay(
+    trace: Trace,
+    skip: Annotated[int, typer.Option("--skip", help="Start after a trace's first N requests (e.g. the part another "
+                                                     "server played).")] = 0,
+    *, opts: Options,
+) -> None:
     """Replay a Mooncake trace (hash ids become deterministic tokens)."""
-    sys.exit(_exit_status(_run(mooncake(trace, opts.requests), opts)))
+    if skip < 0:
+        raise _bad("must be 0 or more", "--skip")
+    sys.exit(_exit_status(_run(mooncake(trace, opts.requests, skip), opts)))
 
 
 @app.command()

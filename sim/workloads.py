@@ -30,15 +30,21 @@ def _block_tokens(hash_id: int) -> list[int]:
     return np.random.default_rng([0x4C4D43, hash_id]).integers(1, VOCAB, TRACE_BLOCK).tolist()
 
 
-def mooncake(path: Path, limit: int | None = None) -> Iterator[SimRequest]:
+def mooncake(path: Path, limit: int | None = None, skip: int = 0) -> Iterator[SimRequest]:
     """A Mooncake trace: each hash id stands for 512 deterministic tokens; prompts are cut to
-    ``input_length``, so prefix sharing is exactly the trace's."""
+    ``input_length``, so prefix sharing is exactly the trace's. ``skip``: start after that many
+    requests (arrival times then count from the first one played)."""
     cache: dict[int, list[int]] = {}
+    start: float | None = None
     with open(path) as f:
         for i, line in enumerate(f):
-            if limit is not None and i >= limit:
+            if i < skip:
+                continue
+            if limit is not None and i >= skip + limit:
                 return
             row = json.loads(line)
+            start = row["timestamp"] if start is None else start
+            row["timestamp"] -= start
             tokens: list[int] = []
             for hash_id in row["hash_ids"]:
                 if hash_id not in cache:

@@ -102,7 +102,9 @@ class RedisTier:
         )
         if self.kind == "redis-cluster":
             seeds = [ClusterNode(*_host_port(n)) for n in self._nodes]
-            return RedisCluster(startup_nodes=seeds, connection_class=_Connection, **options)
+            # Given a URL, redis-py makes the node pools with our connection class.
+            return RedisCluster(url=f"redis://{self._nodes[0]}", startup_nodes=seeds, connection_class=_Connection,
+                                **options)
         if urlsplit(self._url).scheme == "redis":  # TLS and unix sockets keep redis-py's own connections
             options["connection_class"] = _Connection
         return redis.Redis(connection_pool=redis.ConnectionPool.from_url(self._url, **options))
@@ -213,7 +215,7 @@ class RedisTier:
 
     def get(self, scope_key: bytes, chunk_hash: bytes, into: memoryview) -> bool:
         key = self._key(scope_key, chunk_hash)
-        raw = self._call(self._bulk, lambda c: c.get(key), None)
+        raw = self._call(self._bulk, lambda c: _get(c, key), None)
         if raw is None:
             with self._counting:
                 self.counters.misses += 1
@@ -273,6 +275,17 @@ class RedisTier:
         for client in (self._bulk, self._lookups):
             if client is not None:
                 client.close()
+
+
+def _get(client: Any, key: bytes) -> bytes | None:
+    """The value, or b"" (not a chunk: deleted as damaged) for a key of another type."""
+    try:
+        value = client.get(key)
+    except redis.ResponseError as e:
+        if "WRONGTYPE" not in str(e):
+            raise
+        return b""
+    return value if value is None or isinstance(value, bytes) else b""
 
 
 def _bytes_view(view: memoryview) -> memoryview:
