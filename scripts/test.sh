@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # A real redis-server for the Redis tier's tests (Debian's package); they skip, saying so, only
 # where it cannot be installed.
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-    if (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) \
+    if (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)) \
         >/tmp/lmcache-apt.log 2>&1; then
         echo "scripts/test.sh: installed redis-server $(redis-server --version | cut -d' ' -f3)"
     else
