@@ -395,3 +395,26 @@ def test_the_simulator_refuses_a_negative_skip(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "sim", "replay", str(TRACE), "--skip", "-1"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert out.returncode == 2 and "--skip" in out.stderr
+
+
+@needs_redis
+def test_disk_then_redis_lookups_ask_the_disk_first_and_stores_go_to_both(tmp_path: Path, redis_server: RedisServer) -> None:
+    redis_spec = json.dumps({"type": "redis", "url": redis_server.url})
+
+    def tiers(disk: Path) -> list[str]:
+        return ["--l2-adapter", json.dumps({"type": "disk", "path": str(disk), "max_gb": 1}), "--l2-adapter", redis_spec,
+                "--l2-prefetch-deadline-ms", "5000"]
+
+    with ServerProcess(l1_size_gb=0.5, extra_args=tiers(tmp_path / "disk-a")) as server:
+        _play(tmp_path, server, 0, 40)
+        disk, shared = _status(server)["l2"]["tiers"]
+        assert disk["written_chunks"] == shared["written_chunks"] > 0
+    # A server on another machine (its own empty disk): Redis serves it.
+    with ServerProcess(l1_size_gb=0.5, extra_args=tiers(tmp_path / "disk-b")) as server:
+        report = _play(tmp_path, server, 0, 40)
+        assert report["hit_tokens_by_tier"]["l2[1]:redis"] > 0 and report["hit_tokens_by_tier"]["l2[0]:disk"] == 0
+    # The first server again: its disk answers first, Redis is not read.
+    with ServerProcess(l1_size_gb=0.5, extra_args=tiers(tmp_path / "disk-a")) as server:
+        report = _play(tmp_path, server, 0, 40)
+        assert report["hit_tokens_by_tier"]["l2[0]:disk"] > 0 and report["hit_tokens_by_tier"]["l2[1]:redis"] == 0
+        assert _status(server)["l2"]["tiers"][1]["read_chunks"] == 0

@@ -75,6 +75,9 @@ def _l2_metrics(l2: dict) -> Iterator[Metric]:
         ("lmcache_l2_corrupt_chunks", "corrupt", "Damaged chunks found (deleted, never served).", CounterMetricFamily),
         ("lmcache_l2_evictions", "evictions", "Chunks the tier evicted to make room.", CounterMetricFamily),
         ("lmcache_l2_write_errors", "write_errors", "Failed writes.", CounterMetricFamily),
+        ("lmcache_l2_present_chunks", "present_chunks", "Chunks a shared tier already held when asked before a write.",
+         CounterMetricFamily),
+        ("lmcache_l2_breaker_opened", "breaker_opened", "Times a network tier's circuit breaker opened.", CounterMetricFamily),
     ):
         family = kind(name, text, labels=labels)
         for i, tier in enumerate(tiers):
