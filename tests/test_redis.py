@@ -14,12 +14,13 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from test_l2 import _payload, _until
+from test_sim import CHUNK, TRACES, run_sim
 
 from lmcache.config import ConfigError, L2AdapterConfig
 from lmcache.keys import CacheScope
@@ -29,19 +30,11 @@ from lmcache.storage.l2.redis_tier import RedisTier
 from lmcache.storage.l2.tier import Outgoing
 from lmcache.testing.redis_servers import MISSING, REDIS_SERVER, RedisClusterNodes, RedisServer
 from sim.workloads import trace_chunk_keys
-from test_sim import CHUNK, TRACES, run_sim
 
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason=MISSING)
 TRACE = TRACES / "mooncake_conversation.jsonl"
 SCOPE = CacheScope("m", 1, 0, "fmt/a", "")
 TENANT_B = CacheScope("m", 1, 0, "fmt/a", "tenant-b")
-
-
-def _until(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -108,12 +101,6 @@ def _connected(tier: RedisTier) -> RedisTier:
 
 def _chunk(scope: CacheScope, i: int, payload: bytes | bytearray, valid: Callable[[], bool] = lambda: True) -> Outgoing:
     return Outgoing(scope, chunk_file.scope_id(scope), bytes([i]) * 16, CHUNK, memoryview(payload), valid)
-
-
-def _payload(i: int, n: int = 4096) -> bytes:
-    import random
-
-    return random.Random(i).randbytes(n)
 
 
 def test_chunks_round_trip_with_flat_keys_and_are_written_once(redis_server: RedisServer) -> None:
@@ -351,6 +338,7 @@ def test_redis_hung_killed_and_restarted_mid_run_fails_no_request(tmp_path: Path
                 ("code", "report", "output"),
                 run_sim(tmp_path, "replay", str(TRACE), "--requests", str(requests), "--sequential",
                         "--host", "127.0.0.1", "--port", str(server.port)),
+                strict=True,
             )))
             sim.start()
             try:
