@@ -35,6 +35,8 @@ class ConfigError(ValueError):
 
 class EvictionPolicy(str, enum.Enum):
     LRU = "LRU"
+    S3FIFO = "S3FIFO"
+    ARC = "ARC"
 
 
 class LogLevel(str, enum.Enum):

@@ -1,8 +1,19 @@
 """Eviction policies: which evictable object goes first when L1 needs room.
 
-A policy only ever holds evictable objects (ready and not locked); the L1 cache adds an
-object when it becomes evictable and removes it when it is locked or freed. So a victim is
-always safe to free, and picking one is O(1).
+A policy only ever holds evictable objects (ready and not locked). The L1 cache tells it:
+
+- ``add(item)``: the item became evictable: newly stored, or released after a use (a retrieve
+  or a lookup's lock), which counts as an access;
+- ``remove(item)``: the item was locked: not evictable until it is added again;
+- ``forget(item, evicted)``: the item is gone (evicted to make room, dropped or cleared); a
+  policy with a ghost list remembers the keys of evicted items, so one stored again soon after
+  is known to be worth keeping.
+
+So a victim is always safe to free, and every operation is O(1) (amortized: a victim search
+may move items between queues, each move paid for by the access that earned it).
+
+Within a prompt, L1 adds later chunks first, so every FIFO or LRU order here evicts a request's
+tail before the prefix it depends on.
 """
 
 from __future__ import annotations
@@ -13,13 +24,22 @@ from typing import Protocol
 
 from lmcache.config import EvictionPolicy
 
+KeyOf = Callable[[Hashable], Hashable]  # an item's identity across re-stores (ghost lists)
+
+
+def _identity(item: Hashable) -> Hashable:
+    return item
+
 
 class Policy(Protocol):
     def add(self, item: Hashable) -> None:
-        """``item`` became evictable (as if just used)."""
+        """``item`` became evictable (stored, or released after a use)."""
 
     def remove(self, item: Hashable) -> None:
-        """``item`` is no longer evictable; unknown items are ignored."""
+        """``item`` is locked (not evictable until added again); unknown items are ignored."""
+
+    def forget(self, item: Hashable, evicted: bool = False) -> None:
+        """``item`` is gone (``evicted``: to make room); unknown items are ignored."""
 
     def victim(self) -> Hashable | None:
         """The item to evict next (not removed), or None when nothing is evictable."""
@@ -30,9 +50,9 @@ class Policy(Protocol):
 
 
 class LRUPolicy:
-    """Least recently used first; every operation O(1)."""
+    """Least recently used first."""
 
-    def __init__(self) -> None:
+    def __init__(self, key_of: KeyOf = _identity) -> None:
         self._order: OrderedDict[Hashable, None] = OrderedDict()
 
     def add(self, item: Hashable) -> None:
@@ -40,6 +60,9 @@ class LRUPolicy:
         self._order.move_to_end(item)
 
     def remove(self, item: Hashable) -> None:
+        self._order.pop(item, None)
+
+    def forget(self, item: Hashable, evicted: bool = False) -> None:
         self._order.pop(item, None)
 
     def victim(self) -> Hashable | None:
@@ -52,4 +75,173 @@ class LRUPolicy:
         return len(self._order)
 
 
-POLICIES: dict[EvictionPolicy, Callable[[], Policy]] = {EvictionPolicy.LRU: LRUPolicy}
+class S3FIFOPolicy:
+    """S3-FIFO (Yang et al., SOSP 2023): a small FIFO S (10% of the objects) admits new items; an
+    item reaching S's end is moved to the main FIFO M if it was used while in S, else evicted
+    and its key kept in the ghost FIFO G. An item stored again while its key is in G goes
+    straight to M. M's end is evicted unless used since it last passed there (then it goes
+    round again with one use less; at most 3 are counted).
+
+    Most chunks are stored once and never read: they leave through S without disturbing the
+    ones that come back.
+
+    A locked item leaves its queue; released, it counts as used and re-enters its queue's head.
+    """
+
+    SMALL_SHARE = 0.1
+    MAX_FREQ = 3
+
+    def __init__(self, key_of: KeyOf = _identity) -> None:
+        self._key_of = key_of
+        self._small: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
+        self._main: OrderedDict[Hashable, None] = OrderedDict()
+        self._ghost: OrderedDict[Hashable, None] = OrderedDict()  # keys of items evicted from S
+        self._freq: dict[Hashable, int] = {}  # every item known: in S, in M, or locked
+        self._in_main: set[Hashable] = set()  # which queue an item (also a locked one) belongs to
+
+    def add(self, item: Hashable) -> None:
+        if item in self._small or item in self._main:
+            return
+        if item in self._freq:  # released after a use
+            self._freq[item] = min(self._freq[item] + 1, self.MAX_FREQ)
+        else:
+            self._freq[item] = 0
+            key = self._key_of(item)
+            if key in self._ghost:
+                del self._ghost[key]
+                self._in_main.add(item)
+        (self._main if item in self._in_main else self._small)[item] = None
+
+    def remove(self, item: Hashable) -> None:
+        self._small.pop(item, None)
+        self._main.pop(item, None)
+
+    def forget(self, item: Hashable, evicted: bool = False) -> None:
+        if item not in self._freq:
+            return
+        self.remove(item)
+        del self._freq[item]
+        if item in self._in_main:
+            self._in_main.discard(item)
+        elif evicted:
+            self._ghost[self._key_of(item)] = None
+        while len(self._ghost) > max(len(self._freq), 1):  # G remembers about as many as the cache holds
+            self._ghost.popitem(last=False)
+
+    def victim(self) -> Hashable | None:
+        while self._small or self._main:
+            if self._small and (len(self._small) >= self.SMALL_SHARE * len(self._freq) or not self._main):
+                item = next(iter(self._small))
+                if self._freq[item] == 0:
+                    return item
+                del self._small[item]  # used while in S: promoted
+                self._freq[item] = 0
+                self._in_main.add(item)
+                self._main[item] = None
+            else:
+                item = next(iter(self._main))
+                if self._freq[item] == 0:
+                    return item
+                self._freq[item] -= 1
+                self._main.move_to_end(item)
+        return None
+
+    def clear(self) -> None:
+        for part in (self._small, self._main, self._ghost, self._freq, self._in_main):
+            part.clear()
+
+    def __len__(self) -> int:
+        return len(self._small) + len(self._main)
+
+    def check(self) -> None:
+        """Invariants (tests): every evictable item in exactly one queue, all of them known."""
+        assert not set(self._small) & set(self._main)
+        assert set(self._small) | set(self._main) <= set(self._freq)
+        assert all(item in self._in_main for item in self._main)
+        assert all(0 <= f <= self.MAX_FREQ for f in self._freq.values())
+        assert len(self._ghost) <= max(len(self._freq), 1)
+
+
+class ARCPolicy:
+    """ARC (Megiddo and Modha, FAST 2003): T1 holds items used once, T2 items used again; B1
+    and B2 remember the keys of items evicted from each. A re-store whose key is in B1 says T1
+    was too small, one in B2 that T2 was: the target size ``p`` of T1 moves accordingly, and
+    the victim is taken from T1 while T1 is above target, else from T2.
+
+    A locked item leaves its list; released, it is a hit and goes to T2's most recent end.
+    """
+
+    def __init__(self, key_of: KeyOf = _identity) -> None:
+        self._key_of = key_of
+        self._t1: OrderedDict[Hashable, None] = OrderedDict()  # least recent first
+        self._t2: OrderedDict[Hashable, None] = OrderedDict()
+        self._b1: OrderedDict[Hashable, None] = OrderedDict()
+        self._b2: OrderedDict[Hashable, None] = OrderedDict()
+        self._known: dict[Hashable, bool] = {}  # item -> in T2 (also while locked)
+        self.p = 0.0  # target size of T1
+
+    def add(self, item: Hashable) -> None:
+        if item in self._t1 or item in self._t2:
+            return
+        if item in self._known:  # released after a use: a hit
+            self._known[item] = True
+            self._t2[item] = None
+            return
+        key = self._key_of(item)
+        c = len(self._known) + 1
+        if key in self._b1:
+            self.p = min(c, self.p + max(len(self._b2) / len(self._b1), 1.0))
+            del self._b1[key]
+            self._known[item] = True
+        elif key in self._b2:
+            self.p = max(0.0, self.p - max(len(self._b1) / len(self._b2), 1.0))
+            del self._b2[key]
+            self._known[item] = True
+        else:
+            self._known[item] = False
+        (self._t2 if self._known[item] else self._t1)[item] = None
+
+    def remove(self, item: Hashable) -> None:
+        self._t1.pop(item, None)
+        self._t2.pop(item, None)
+
+    def forget(self, item: Hashable, evicted: bool = False) -> None:
+        if item not in self._known:
+            return
+        self.remove(item)
+        in_t2 = self._known.pop(item)
+        if evicted:
+            (self._b2 if in_t2 else self._b1)[self._key_of(item)] = None
+        c = len(self._known) + 1  # the cache's size: what it held before this one went
+        while self._b1 and len(self._b1) > max(c - len(self._t1), 0):
+            self._b1.popitem(last=False)
+        while len(self._b1) + len(self._b2) > c:
+            (self._b2 if self._b2 else self._b1).popitem(last=False)
+
+    def victim(self) -> Hashable | None:
+        if self._t1 and (len(self._t1) > self.p or not self._t2):
+            return next(iter(self._t1))
+        return next(iter(self._t2), None)
+
+    def clear(self) -> None:
+        for part in (self._t1, self._t2, self._b1, self._b2, self._known):
+            part.clear()
+        self.p = 0.0
+
+    def __len__(self) -> int:
+        return len(self._t1) + len(self._t2)
+
+    def check(self) -> None:
+        """Invariants (tests): every evictable item in exactly one list, ghosts bounded."""
+        assert not set(self._t1) & set(self._t2)
+        assert all(not self._known[i] for i in self._t1) and all(self._known[i] for i in self._t2)
+        assert not set(self._b1) & set(self._b2)
+        assert len(self._b1) + len(self._b2) <= len(self._known) + 1
+        assert self.p >= 0
+
+
+POLICIES: dict[EvictionPolicy, Callable[[KeyOf], Policy]] = {
+    EvictionPolicy.LRU: LRUPolicy,
+    EvictionPolicy.S3FIFO: S3FIFOPolicy,
+    EvictionPolicy.ARC: ARCPolicy,
+}

@@ -32,13 +32,13 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 from lmcache._fast.pool import MemoryPool, slot_size
 from lmcache.keys import HASH_BYTES, CacheScope
-from lmcache.storage.eviction import Policy
+from lmcache.storage.eviction import KeyOf, Policy
 
 # The expiry heap is rebuilt from the live locks once it holds more than this many entries (or
 # twice the live ones, whichever is more).
@@ -63,6 +63,12 @@ class L1Object:
     deadline: float = 0.0  # when the current locks expire
     detached: bool = False  # out of the index (cleared) but its memory is still under a copy
     held: bool = False  # an engine writes into it by raw offset: freed only by release_held
+
+
+def _object_key(obj: Hashable) -> Hashable:
+    """What stays the same when a chunk is evicted and stored again (for ghost lists)."""
+    o = cast(L1Object, obj)
+    return (o.scope, o.chunk_hash)
 
 
 class LockHandle(NamedTuple):
@@ -99,7 +105,7 @@ class L1Cache:
     def __init__(
         self,
         pool: MemoryPool,
-        new_policy: Callable[[], Policy],
+        new_policy: Callable[[KeyOf], Policy],
         lock_ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -332,7 +338,7 @@ class L1Cache:
         slot = slot_size(obj.nbytes)
         policy = self._policies.get(slot)
         if policy is None:
-            policy = self._policies[slot] = self._new_policy()
+            policy = self._policies[slot] = self._new_policy(_object_key)
         return policy
 
     def _take_lock(self, obj: L1Object, now: float) -> LockHandle:
@@ -412,7 +418,7 @@ class L1Cache:
         assert obj.state is State.READY and obj.readers == 0 and not obj.detached
         del self._index[obj.scope][obj.chunk_hash]
         self._ready -= 1
-        self._free(obj)
+        self._free(obj, evicted=True)
         self.counters.evictions += 1
 
     def _orphan(self, obj: L1Object) -> None:
@@ -436,10 +442,10 @@ class L1Cache:
             if table is not None and table.get(obj.chunk_hash) is obj:
                 del table[obj.chunk_hash]
 
-    def _free(self, obj: L1Object) -> None:
+    def _free(self, obj: L1Object, evicted: bool = False) -> None:
         if obj.state is State.WRITING:
             self._writing -= 1
-        self._policy(obj).remove(obj)
+        self._policy(obj).forget(obj, evicted)
         obj.epoch += 1
         obj.detached = True
         self._used_bytes -= obj.nbytes
