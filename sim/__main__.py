@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lmcache.client import MPClient
-from lmcache.config import ConnectorConfig
+from lmcache.config import ConnectorConfig, EvictionPolicy
 from lmcache.server.process import ServerProcess
 from sim.engine import SimEngine
 from sim.model import LAYOUTS, MODEL_SHAPES, ModelSpec
@@ -219,6 +219,56 @@ def sweep(
                       str(row["mismatched_bytes"]))
     console.print(table)
     sys.exit(_exit_status(*rows))
+
+
+@app.command()
+@shared_options(only=("requests", "chunk_size", "model_shape", "report"))
+def bound(
+    trace: Trace,
+    l1_size_gb: Annotated[str, typer.Option("--l1-size-gb", help="Comma-separated L1 sizes in GB.")] = "0.01,0.03,0.1",
+    eviction_policy: Annotated[str, typer.Option("--eviction-policy", help="Comma-separated policies.")] = "LRU,S3FIFO,ARC",
+    skip: Annotated[int, typer.Option("--skip", help="Start after a trace's first N requests.")] = 0,
+    *, opts: Options,
+) -> None:
+    """Hit rates of each eviction policy, of Belady's MIN and of unlimited memory on the chunks a
+    sequential replay would store and look up, computed offline (no server, seconds)."""
+    from sim.bound import bounds, capacity_chunks, trace_requests
+
+    try:
+        sizes = [float(x) for x in l1_size_gb.split(",") if x.strip()]
+    except ValueError:
+        raise _bad("must be comma-separated numbers, e.g. 0.01,0.1", "--l1-size-gb") from None
+    try:
+        policies = [EvictionPolicy(_policy_name(p)) for p in eviction_policy.split(",") if p.strip()]
+    except ValueError:
+        raise _bad(f"must be comma-separated names of {', '.join(p.value for p in EvictionPolicy)}",
+                   "--eviction-policy") from None
+    if opts.model_shape not in MODEL_SHAPES:
+        raise _bad(f"must be one of {', '.join(MODEL_SHAPES)}", "--model-shape")
+    layers, heads, head_size, dtype = MODEL_SHAPES[opts.model_shape]
+    object_bytes = opts.chunk_size * layers * heads * 2 * head_size * (4 if dtype == "float32" else 2)
+    requests = trace_requests(trace, opts.chunk_size, opts.requests, skip)
+    rows = []
+    table = Table(title=f"hit rate by policy (offline): {trace.name}, {len(requests)} requests from {skip + 1}, "
+                        f"{opts.model_shape} ({object_bytes} B chunks)")
+    for column in ("L1 GB", "chunks", *[p.value for p in policies], "Belady", "unlimited"):
+        table.add_column(column, justify="right")
+    for size in sizes:
+        results = list(bounds(requests, capacity_chunks(size, object_bytes), opts.chunk_size, policies))
+        rows.append({"l1_size_gb": size, "capacity_chunks": results[0].capacity_chunks,
+                     **{r.policy: {"hit_rate": r.hit_rate, "hit_tokens": r.hit_tokens, "evictions": r.evictions}
+                        for r in results}})
+        table.add_row(f"{size:g}", str(results[0].capacity_chunks), *[f"{r.hit_rate:.1%}" for r in results])
+    if opts.report is not None:
+        opts.report.write_text(json.dumps(rows, indent=2))
+    console.print(table)
+
+
+def _policy_name(text: str) -> str:
+    for p in EvictionPolicy:
+        if p.value.lower() == text.strip().lower():
+            return p.value
+    return text
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
