@@ -18,8 +18,10 @@ import heapq
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from lmcache._fast.pool import MemoryPool, slot_size
+
 from lmcache.config import GIB, EvictionPolicy
 from lmcache.storage.eviction import POLICIES, Policy
 from sim.workloads import trace_chunk_keys
@@ -64,7 +66,7 @@ class _Item:
 def play(requests: Sequence[Request], capacity: int, chunk_size: int, policy: Policy | None) -> tuple[int, int]:
     """(hit tokens, evictions) of one policy; ``None``: Belady's MIN."""
     cache: dict[Hashable, _Item] = {}
-    min_order = _BeladyOrder(requests) if policy is None else None
+    belady = _BeladyOrder(requests) if policy is None else None
     hits = evictions = 0
     for i, (length, keys) in enumerate(requests):
         lead = 0
@@ -72,34 +74,42 @@ def play(requests: Sequence[Request], capacity: int, chunk_size: int, policy: Po
             lead += 1
         used = min(lead, (length - 1) // chunk_size)
         hits += used * chunk_size
-        if min_order is not None:
-            min_order.referenced(i, [k for k in keys if k in cache])
-        elif used:
-            for k in keys[:used]:
+        if belady is not None:
+            belady.referenced(i, [k for k in keys if k in cache])
+        elif policy is not None:
+            for k in keys[:used]:  # retrieved: locked, then released later chunks first
                 policy.remove(cache[k])
             for k in reversed(keys[:used]):
                 policy.add(cache[k])
         written: list[Hashable] = []
         for k in keys:
-            if k in cache or k in written:
+            if k in cache:
                 continue
             if len(cache) >= capacity:
-                victim = min_order.victim(cache) if min_order is not None else policy.victim()
+                victim = _victim(cache, policy, belady)
                 if victim is None:
                     continue  # everything is being written: this chunk is not stored
-                key = victim if min_order is not None else victim.key  # type: ignore[union-attr]
-                if policy is not None:
-                    policy.forget(victim, evicted=True)
-                del cache[key]
+                del cache[victim]
                 evictions += 1
             cache[k] = _Item(k)
             written.append(k)
-        for k in reversed(written):
-            if min_order is not None:
-                min_order.stored(i, k)
-            else:
+        for k in reversed(written):  # committed later chunks first
+            if belady is not None:
+                belady.referenced(i, [k])
+            elif policy is not None:
                 policy.add(cache[k])
     return hits, evictions
+
+
+def _victim(cache: dict[Hashable, _Item], policy: Policy | None, belady: _BeladyOrder | None) -> Hashable | None:
+    if belady is not None:
+        return belady.victim(cache)
+    assert policy is not None
+    item = policy.victim()
+    if item is None:
+        return None
+    policy.forget(item, evicted=True)
+    return cast(_Item, item).key
 
 
 class _BeladyOrder:
@@ -130,11 +140,9 @@ class _BeladyOrder:
         heapq.heappush(self._heap, (-nxt, self._seq, key))
 
     def referenced(self, i: int, keys: list[Hashable]) -> None:
+        """``keys`` are used (looked up or stored) by request ``i``."""
         for k in keys:
             self._push(k, i)
-
-    def stored(self, i: int, key: Hashable) -> None:
-        self._push(key, i)
 
     def victim(self, cache: dict[Hashable, _Item]) -> Hashable | None:
         while self._heap:
