@@ -50,7 +50,7 @@ class Options:
 
     requests: int = _option("--requests", 1000, "How many requests to play (a trace's first N).")
     l1_size_gb: float = _option("--l1-size-gb", 1.0, "L1 size of the server the simulator starts.")
-    eviction_policy: str = _option("--eviction-policy", "LRU", "Eviction policy of that server.")
+    eviction_policy: str = _option("--eviction-policy", "LRU", "Eviction policy of that server (sweep: a comma-separated list).")
     chunk_size: int = _option("--chunk-size", 256, "Chunk size of that server.")
     l2_adapter: list[str] | None = _option("--l2-adapter", None, "An L2 tier for the server the simulator starts "
                                            "(its --l2-adapter JSON; repeat for several).")
@@ -193,32 +193,54 @@ def sweep(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of hit rate against L1 size.")] = None,
     *, opts: Options,
 ) -> None:
-    """Replay a trace once per L1 size, one request at a time: the hit rate each size of server gives."""
+    """Replay a trace once per L1 size and eviction policy (--eviction-policy takes a comma-separated
+    list), one request at a time; beside them, Belady's MIN and unlimited memory, computed offline."""
+    from sim.bound import bounds, capacity_chunks, trace_requests
+
     try:
         sizes = [float(x) for x in l1_size_gb.split(",") if x.strip()]
     except ValueError:
         raise _bad("must be comma-separated numbers, e.g. 1,2,4", "--l1-size-gb") from None
-    rows = []
+    policies = _policies(opts.eviction_policy)
+    rows: list[dict[str, Any]] = []
+    mismatched = False
+    for policy in policies:
+        for size in sizes:
+            # --report here is the sweep's, of all rows, not each run's
+            one = replace(opts, l1_size_gb=size, eviction_policy=policy.value, sequential=True, max_num_seqs=1,
+                          max_num_batched_tokens=1 << 20, report=None)
+            result = _run(mooncake(trace, opts.requests), one)
+            rows.append({"policy": policy.value, "l1_size_gb": size, **result})
+            mismatched |= bool(result["mismatched_bytes"])
+    object_bytes = opts.spec.block_bytes() * opts.chunk_size // opts.block_size
+    requests = trace_requests(trace, opts.chunk_size, opts.requests)
     for size in sizes:
-        # --report here is the sweep's, of all rows, not each run's
-        one = replace(opts, l1_size_gb=size, sequential=True, max_num_seqs=1, max_num_batched_tokens=1 << 20,
-                      report=None)
-        result = _run(mooncake(trace, opts.requests), one)
-        rows.append({"l1_size_gb": size, **result})
-        if result["mismatched_bytes"]:
-            break
+        for b in bounds(requests, capacity_chunks(size, object_bytes), opts.chunk_size, []):
+            rows.append({"policy": b.policy, "l1_size_gb": size, "hit_rate": b.hit_rate, "hit_tokens": b.hit_tokens,
+                         "evictions": b.evictions, "mismatched_bytes": 0, "offline": True})
     if opts.report is not None:
         opts.report.write_text(json.dumps(rows, indent=2))
     if plot is not None:
-        _plot(rows, plot, trace.name)
-    table = Table(title=f"hit rate by L1 size: {trace.name}, {opts.requests} requests")
-    for column in ("L1 GB", "hit rate", "evictions", "mismatched bytes"):
+        _plot(rows, plot, f"{trace.name}, {opts.requests} requests, {opts.model_shape} model")
+    names = list(dict.fromkeys(r["policy"] for r in rows))
+    table = Table(title=f"hit rate by L1 size: {trace.name}, {opts.requests} requests ({opts.model_shape} model; "
+                        "Belady and unlimited offline)")
+    for column in ("L1 GB", *names):
         table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(f"{row['l1_size_gb']:g}", f"{row['hit_rate']:.1%}", str(row["evictions"]),
-                      str(row["mismatched_bytes"]))
+    for size in sizes:
+        by = {r["policy"]: r for r in rows if r["l1_size_gb"] == size}
+        table.add_row(f"{size:g}", *[f"{by[n]['hit_rate']:.1%}" + (" (!)" if by[n]["mismatched_bytes"] else "")
+                                     for n in names])
     console.print(table)
-    sys.exit(_exit_status(*rows))
+    sys.exit(1 if mismatched else 0)
+
+
+def _policies(text: str) -> list[EvictionPolicy]:
+    try:
+        return [EvictionPolicy(_policy_name(p)) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise _bad(f"must be comma-separated names of {', '.join(p.value for p in EvictionPolicy)}",
+                   "--eviction-policy") from None
 
 
 @app.command()
@@ -238,15 +260,10 @@ def bound(
         sizes = [float(x) for x in l1_size_gb.split(",") if x.strip()]
     except ValueError:
         raise _bad("must be comma-separated numbers, e.g. 0.01,0.1", "--l1-size-gb") from None
-    try:
-        policies = [EvictionPolicy(_policy_name(p)) for p in eviction_policy.split(",") if p.strip()]
-    except ValueError:
-        raise _bad(f"must be comma-separated names of {', '.join(p.value for p in EvictionPolicy)}",
-                   "--eviction-policy") from None
+    policies = _policies(eviction_policy)
     if opts.model_shape not in MODEL_SHAPES:
         raise _bad(f"must be one of {', '.join(MODEL_SHAPES)}", "--model-shape")
-    layers, heads, head_size, dtype = MODEL_SHAPES[opts.model_shape]
-    object_bytes = opts.chunk_size * layers * heads * 2 * head_size * (4 if dtype == "float32" else 2)
+    object_bytes = opts.spec.block_bytes() * opts.chunk_size // opts.block_size
     requests = trace_requests(trace, opts.chunk_size, opts.requests, skip)
     rows = []
     table = Table(title=f"hit rate by policy (offline): {trace.name}, {len(requests)} requests from {skip + 1}, "
@@ -277,13 +294,20 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([r["l1_size_gb"] for r in rows], [100 * r["hit_rate"] for r in rows], marker="o")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    styles: dict[str, dict[str, Any]] = {"Belady": {"linestyle": "--", "color": "black"},
+                                         "unlimited": {"linestyle": ":", "color": "gray"}}
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        line = [r for r in rows if r["policy"] == name]
+        ax.plot([r["l1_size_gb"] for r in line], [100 * r["hit_rate"] for r in line], marker="o", label=name,
+                **styles.get(name, {}))
     ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("L1 size (GB)")
     ax.set_ylabel("hit rate (% of prompt tokens)")
-    ax.set_title(f"LMCache hit rate: {title}")
+    ax.set_title(f"LMCache hit rate: {title}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

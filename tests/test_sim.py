@@ -186,12 +186,18 @@ def test_sweep_writes_a_plot_and_hit_rates_that_grow_with_l1(tmp_path: Path) -> 
     report = tmp_path / "sweep.json"
     out = subprocess.run(
         [sys.executable, "-m", "sim", "sweep", str(trace), "--requests", "40", "--l1-size-gb", "0.0002,0.01",
-         "--plot", str(plot), "--report", str(report)],
+         "--eviction-policy", "lru,S3FIFO", "--plot", str(plot), "--report", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads(report.read_text())
+    every = json.loads(report.read_text())
+    assert [r["policy"] for r in every] == ["LRU", "LRU", "S3FIFO", "S3FIFO", "Belady", "unlimited", "Belady", "unlimited"]
+    for size in (0.0002, 0.01):  # the optimum bounds every policy at every size
+        at = {r["policy"]: r["hit_tokens"] for r in every if r["l1_size_gb"] == size}
+        assert max(at["LRU"], at["S3FIFO"]) <= at["Belady"] <= at["unlimited"] == expected_hit_tokens(trace, 40)
+    assert all(r["mismatched_bytes"] == 0 for r in every)
+    rows = [r for r in every if r["policy"] == "LRU"]
     assert [r["l1_size_gb"] for r in rows] == [0.0002, 0.01]
     assert all(r["mismatched_bytes"] == 0 for r in rows)
     assert rows[0]["evictions"] > 0 and rows[1]["evictions"] == 0
