@@ -114,6 +114,10 @@ def server(
     l2_prefetch_deadline_ms: Annotated[
         float, typer.Option("--l2-prefetch-deadline-ms", help="How long a lookup waits for chunks loading from L2.")
     ] = 50.0,
+    default_quota_gb: Annotated[
+        float, typer.Option("--default-quota-gb", help="L1 GiB each cache salt (tenant) may hold unless PUT /quota/{salt} "
+                                                       "says otherwise; 0: no limit.")
+    ] = 0.0,
 ) -> int:
     """Run the LMCache cache server (ZMQ for vLLM, HTTP for operators) until SIGINT or SIGTERM."""
     try:
@@ -137,6 +141,7 @@ def server(
             l2_adapters=tuple(l2_adapter or ()),  # type: ignore[arg-type]  # ServerConfig parses the JSON
             l2_write_queue_mb=l2_write_queue_mb,
             l2_prefetch_deadline_ms=l2_prefetch_deadline_ms,
+            default_quota_gb=default_quota_gb,
         )
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint=f"'{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}'") from None

@@ -237,6 +237,9 @@ class ServerConfig:
     l2_write_queue_mb: float = 1024.0
     # How long a Lookup waits for chunks loading from L2 before it answers with what is in L1.
     l2_prefetch_deadline_ms: float = 50.0
+    # What each cache salt (tenant) may hold in L1 unless its own quota says otherwise (PUT
+    # /quota/{salt}); 0: no limit.
+    default_quota_gb: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "host", strip_scheme(self.host))
@@ -269,6 +272,8 @@ class ServerConfig:
             raise ConfigError("l2_write_queue_mb", f"must be greater than 0 (got {self.l2_write_queue_mb:g})")
         if not 0 <= self.l2_prefetch_deadline_ms <= 60_000:
             raise ConfigError("l2_prefetch_deadline_ms", f"must be between 0 and 60000 (got {self.l2_prefetch_deadline_ms:g})")
+        if not 0 <= self.default_quota_gb <= MAX_L1_GB:
+            raise ConfigError("default_quota_gb", f"must be 0 (no limit) or a size in GiB (got {self.default_quota_gb:g})")
         adapters = tuple(a if isinstance(a, L2AdapterConfig) else L2AdapterConfig.parse(a) for a in self.l2_adapters)
         paths = [os.path.realpath(a.path) for a in adapters if a.type == "disk"]
         if len(set(paths)) != len(paths):

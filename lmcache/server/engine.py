@@ -26,8 +26,9 @@ import numpy as np
 
 from lmcache import __version__
 from lmcache import protocol as p
+from lmcache._fast.hashing import xxh3_128
 from lmcache._fast.pool import MemoryPool
-from lmcache.config import ServerConfig
+from lmcache.config import GIB, ServerConfig
 from lmcache.keys import HASH_BYTES, CacheScope, split_hashes
 from lmcache.log import init_logger
 from lmcache.protocol import NO_EVENT, TransferMode
@@ -125,6 +126,7 @@ class CacheEngine:
         self.transfer_modes = tuple(modes)
         self._stopping = threading.Event()  # stops the housekeeping thread
         self.l1 = L1Cache(pool, POLICIES[config.eviction_policy], config.lock_ttl_s)
+        self.l1.default_quota = int(config.default_quota_gb * GIB) or None
         self._arena = np.frombuffer(pool, dtype=np.uint8)  # what the kernels copy into and out of
         self._devices = GpuDevices(
             self._arena, config.chunk_size, config.gpu_copy, self.l1.renew, config.lock_ttl_s / 3,
@@ -501,12 +503,32 @@ class CacheEngine:
                     "clears": self._clears,
                     **{k: v for k, v in l1.items() if k != "used_bytes"},
                 },
+                "tenants": _tenant_ids(self.l1.tenants(TOP_TENANTS)),
                 "l2": self.l2.status() if self.l2 is not None else {"tiers": []},
                 "engines": engines,
                 "sessions": {"active": sum(s.deadline > now for s in self._sessions.values())},
                 "tickets": {"open": len(self._tickets)},
                 "config": self.config.as_dict(),
             }
+
+    # --- tenants ------------------------------------------------------------------------------
+
+    def set_quota(self, salt: str, limit_gb: float | None) -> None:
+        """What one cache salt may hold in L1 (None: the default, --default-quota-gb)."""
+        if limit_gb is not None and (isinstance(limit_gb, bool) or not isinstance(limit_gb, (int, float))
+                                     or not 0 <= limit_gb <= self.config.l1_size_gb):
+            raise RequestError(f"limit_gb must be a number from 0 to the L1 size {self.config.l1_size_gb:g} (got {limit_gb!r})")
+        self.l1.set_quota(salt, None if limit_gb is None else int(limit_gb * GIB))
+
+    def quota(self, salt: str) -> dict[str, Any]:
+        own = self.l1.quotas().get(salt)
+        limit = own if own is not None else self.l1.default_quota
+        return {"tenant": tenant_id(salt), "limit_gb": None if limit is None else round(limit / GIB, 6), "own": own is not None}
+
+    def quotas(self) -> dict[str, Any]:
+        default = self.l1.default_quota
+        return {"default_limit_gb": None if default is None else round(default / GIB, 6),
+                "quotas": [{"tenant": tenant_id(s), "limit_gb": round(b / GIB, 6)} for s, b in sorted(self.l1.quotas().items())]}
 
     # --- housekeeping -------------------------------------------------------------------------
 
@@ -573,3 +595,17 @@ def _check_hashes(hashes: bytes) -> None:
 def _check_scope(scope: CacheScope) -> None:
     if scope.world_size < 1 or not 0 <= scope.rank < scope.world_size:
         raise RequestError(f"rank {scope.rank} is outside a world of size {scope.world_size}")
+
+
+# /status and /metrics show the tenants holding the most, the rest summed.
+TOP_TENANTS = 10
+
+
+def tenant_id(salt: str) -> str:
+    """How a cache salt is shown: a salt keeps tenants apart, so it is never printed, only a
+    short digest of it ("" for requests without one)."""
+    return xxh3_128(salt.encode()).hex()[:12] if salt else ""
+
+
+def _tenant_ids(tenants: dict[str, Any]) -> dict[str, Any]:
+    return {**tenants, "top": [{"tenant": tenant_id(t.pop("salt")), **t} for t in tenants["top"]]}

@@ -16,6 +16,7 @@ from sanic.response import HTTPResponse, json, raw
 
 from lmcache.security import bearer_matches
 from lmcache.server.engine import CacheEngine
+from lmcache.server.errors import RequestError
 from lmcache.server.metrics import ServerMetrics
 
 # Sanic refuses two apps of one name in a process.
@@ -88,6 +89,31 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
             engine.clear()
         count.labels(route="/clear-cache", status="200").inc()
         return json({"status": "ok"})
+
+    # Tenants (cache salts): GET /quota lists the quotas (tenants by a digest of their salt);
+    # PUT /quota/{salt} {"limit_gb": N} caps what one salt may hold in L1, DELETE puts it
+    # back on the default (--default-quota-gb).
+    @app.get("/quota")
+    async def list_quotas(_: Request) -> HTTPResponse:
+        count.labels(route="/quota", status="200").inc()
+        return json(engine.quotas())
+
+    @app.route("/quota/<salt:str>", methods=["GET", "PUT", "DELETE"])
+    async def one_quota(request: Request, salt: str) -> HTTPResponse:
+        if request.method == "PUT":
+            body = request.json if request.body else None
+            limit = body.get("limit_gb") if isinstance(body, dict) else None
+            try:
+                if limit is None:
+                    raise RequestError('the body must be {"limit_gb": N}')
+                engine.set_quota(salt, limit)
+            except RequestError as e:
+                count.labels(route="/quota", status="400").inc()
+                return json({"status": "error", "reason": str(e)}, status=400)
+        elif request.method == "DELETE":
+            engine.set_quota(salt, None)
+        count.labels(route="/quota", status="200").inc()
+        return json(engine.quota(salt))
 
     @app.get("/status")
     async def status(_: Request) -> HTTPResponse:

@@ -55,6 +55,27 @@ class _EngineCollector(Collector):
         ):
             yield CounterMetricFamily(name, text, value=l1[key])
         yield from _l2_metrics(status["l2"])
+        yield from _tenant_metrics(status["tenants"])
+
+
+def _tenant_metrics(tenants: dict) -> Iterator[Metric]:
+    """Per tenant (a digest of its cache salt; "" without one), the top ones by bytes held and
+    the rest summed as tenant="other": bounded however many salts there are."""
+    rows = [(t["tenant"], t) for t in tenants["top"]]
+    if tenants["others"]["tenants"]:
+        rows.append(("other", tenants["others"]))
+    for name, key, text, kind in (
+        ("lmcache_tenant_used_bytes", "used_bytes", "L1 bytes a tenant holds.", GaugeMetricFamily),
+        ("lmcache_tenant_objects", "objects", "L1 chunks a tenant holds.", GaugeMetricFamily),
+        ("lmcache_tenant_hit_chunks", "hits", "Chunks a tenant's lookups found.", CounterMetricFamily),
+        ("lmcache_tenant_stored_chunks", "stored", "Chunks a tenant stored.", CounterMetricFamily),
+        ("lmcache_tenant_quota_skipped_chunks", "quota_skipped", "Chunks not stored: the tenant's quota was full.",
+         CounterMetricFamily),
+    ):
+        family = kind(name, text, labels=["tenant"])
+        for tenant, row in rows:
+            family.add_metric([tenant], row[key])
+        yield family
 
 
 def _l2_metrics(l2: dict) -> Iterator[Metric]:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from lmcache._fast.pool import MemoryPool, slot_size
 from lmcache.keys import HASH_BYTES, CacheScope
@@ -96,6 +96,17 @@ class L1Counters:
     orphaned: int = 0  # held reservations whose write lock expired before their engine was done
 
 
+@dataclass
+class TenantUsage:
+    """One cache salt's share of L1. Kept while it holds bytes or has a quota."""
+
+    used_bytes: int = 0  # its objects' bytes, WRITING ones included
+    objects: int = 0
+    hits: int = 0  # chunks its lookups found
+    stored: int = 0
+    quota_skipped: int = 0  # chunks not stored because its quota was full of locked chunks
+
+
 class L1Cache:
     # Read locks held at once, over all objects and sessions. Each costs memory for up to a lock
     # TTL, so a flood of locking lookups must not grow without bound; past it a lookup counts
@@ -115,9 +126,14 @@ class L1Cache:
         self._clock = clock
         self._lock = threading.Lock()
         self._index: dict[CacheScope, dict[bytes, L1Object]] = {}
-        # One policy per slot size: evicting an object of the size a store needs frees exactly
-        # the slot it needs. Other sizes are evicted only to free whole slabs.
-        self._policies: dict[int, Policy] = {}
+        # One policy per slot size and tenant (cache salt): evicting an object of the size a
+        # store needs frees exactly the slot it needs (other sizes are evicted only to free
+        # whole slabs), and the tenant holding the most gives first, so one tenant cannot push
+        # the others out.
+        self._policies: dict[int, dict[str, Policy]] = {}
+        self._tenants: dict[str, TenantUsage] = {}
+        self._quotas: dict[str, int] = {}  # cache salt -> bytes it may hold
+        self.default_quota: int | None = None  # for salts without one of their own
         self._expiries: list[tuple[float, int, LockHandle]] = []
         self._heap_limit = _MIN_HEAP_LIMIT
         self._orphans: dict[L1Object, None] = {}  # held reservations whose lock expired
@@ -145,7 +161,7 @@ class L1Cache:
                     present += 1
                     handles.append(None)
                     continue
-                offset = self._alloc(nbytes)
+                offset = self._alloc(nbytes, scope.salt)
                 if offset < 0:
                     skipped += 1
                     handles.append(None)
@@ -154,6 +170,9 @@ class L1Cache:
                 table[h] = obj
                 self._writing += 1
                 self._used_bytes += nbytes
+                tenant = self._tenant(scope.salt)
+                tenant.used_bytes += nbytes
+                tenant.objects += 1
                 handles.append(self._take_lock(obj, now))
             self.counters.skipped_stores += skipped
         return Reservation(handles, present, skipped)
@@ -177,6 +196,7 @@ class L1Cache:
                     self._ready += 1
                     self._policy(obj).add(obj)
                     self.counters.stored += 1
+                    self._tenant(obj.scope.salt).stored += 1
                     published += 1
                 else:
                     self.counters.failed_writes += not good
@@ -209,6 +229,8 @@ class L1Cache:
                 del found[max(0, self.max_read_locks - self._read_locks) :]  # the rest counts as a miss
             count = len(found)
             self.counters.hits += count
+            if count:
+                self._tenant(scope.salt).hits += count
             self.counters.misses += len(hashes) // HASH_BYTES - count
             handles = [self._take_lock(obj, now) for obj in found] if lock else []
         return count, handles
@@ -311,9 +333,42 @@ class L1Cache:
                         self._free(obj)
             self._index.clear()
             self._ready = 0
-            for policy in self._policies.values():
-                policy.clear()
+            for tenants in self._policies.values():
+                for policy in tenants.values():
+                    policy.clear()
             return dropped
+
+    def set_quota(self, salt: str, limit_bytes: int | None) -> None:
+        """Caps what one cache salt may hold (None: back to the default). A tenant over its
+        quota evicts its own chunks on its next stores; others are not touched."""
+        with self._lock:
+            if limit_bytes is None:
+                self._quotas.pop(salt, None)
+                tenant = self._tenants.get(salt)
+                if tenant is not None and tenant.objects == 0:
+                    del self._tenants[salt]
+            else:
+                self._quotas[salt] = limit_bytes
+                self._tenant(salt)
+
+    def quotas(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._quotas)
+
+    def tenants(self, top: int) -> dict[str, Any]:
+        """Usage of the ``top`` tenants holding the most, and of the rest summed (bounded output
+        however many salts there are)."""
+        with self._lock:
+            ranked = sorted(self._tenants.items(), key=lambda kv: kv[1].used_bytes, reverse=True)
+            rest = TenantUsage()
+            for _, usage in ranked[top:]:
+                for field, value in vars(usage).items():
+                    setattr(rest, field, getattr(rest, field) + value)
+            return {
+                "top": [{"salt": salt, "quota_bytes": self._quotas.get(salt, self.default_quota), **vars(usage)}
+                        for salt, usage in ranked[:top]],
+                "others": {"tenants": max(0, len(ranked) - top), **vars(rest)},
+            }
 
     def snapshot(self) -> list[L1Object]:
         """Every object in the index (for checks and debugging; O(n))."""
@@ -335,11 +390,17 @@ class L1Cache:
     # --- internals (lock held) --------------------------------------------------------------
 
     def _policy(self, obj: L1Object) -> Policy:
-        slot = slot_size(obj.nbytes)
-        policy = self._policies.get(slot)
+        tenants = self._policies.setdefault(slot_size(obj.nbytes), {})
+        policy = tenants.get(obj.scope.salt)
         if policy is None:
-            policy = self._policies[slot] = self._new_policy(_object_key)
+            policy = tenants[obj.scope.salt] = self._new_policy(_object_key)
         return policy
+
+    def _tenant(self, salt: str) -> TenantUsage:
+        tenant = self._tenants.get(salt)
+        if tenant is None:
+            tenant = self._tenants[salt] = TenantUsage()
+        return tenant
 
     def _take_lock(self, obj: L1Object, now: float) -> LockHandle:
         if obj.state is State.READY:
@@ -398,21 +459,46 @@ class L1Cache:
         else:
             self._policy(obj).add(obj)
 
-    def _alloc(self, nbytes: int) -> int:
+    def _alloc(self, nbytes: int, salt: str) -> int:
+        slot = slot_size(nbytes)
+        limit = self._quotas.get(salt, self.default_quota)
+        if limit is not None:  # over its quota, a tenant evicts its own chunks first
+            tenant = self._tenant(salt)
+            while tenant.used_bytes + nbytes > limit:
+                own = self._policies.get(slot, {}).get(salt)
+                victim_obj = own.victim() if own is not None else None
+                if victim_obj is None:
+                    tenant.quota_skipped += 1
+                    return -1
+                self._evict(cast(L1Object, victim_obj))
         offset = self.pool.alloc(nbytes)
         while offset < 0:
-            victim = self._policies.get(slot_size(nbytes))
-            victim_obj = victim.victim() if victim is not None else None
+            victim_obj = self._victim(self._policies.get(slot, {}))
             if victim_obj is None:
                 # Nothing of this size to evict: free objects of the size holding the most, until
                 # one of its slabs empties and can change size.
-                donor = max(self._policies.values(), key=len, default=None)
+                everyone = [p for tenants in self._policies.values() for p in tenants.values()]
+                donor = max(everyone, key=len, default=None)
                 victim_obj = donor.victim() if donor is not None else None
                 if victim_obj is None:
                     return -1
             self._evict(cast(L1Object, victim_obj))  # the policies hold only this cache's objects
             offset = self.pool.alloc(nbytes)
         return offset
+
+    def _victim(self, tenants: dict[str, Policy]) -> object | None:
+        """The next victim of the tenant most over its quota, else of the one holding the most."""
+        best: Policy | None = None
+        best_key = (False, -1)
+        for salt, policy in tenants.items():
+            if not len(policy):
+                continue
+            used = self._tenants[salt].used_bytes if salt in self._tenants else 0
+            limit = self._quotas.get(salt, self.default_quota)
+            key = (limit is not None and used > limit, used)
+            if key > best_key:
+                best, best_key = policy, key
+        return best.victim() if best is not None else None
 
     def _evict(self, obj: L1Object) -> None:
         assert obj.state is State.READY and obj.readers == 0 and not obj.detached
@@ -446,6 +532,15 @@ class L1Cache:
         if obj.state is State.WRITING:
             self._writing -= 1
         self._policy(obj).forget(obj, evicted)
+        salt = obj.scope.salt
+        tenant = self._tenants.get(salt)
+        if tenant is not None:
+            tenant.used_bytes -= obj.nbytes
+            tenant.objects -= 1
+            if tenant.objects == 0 and salt not in self._quotas:  # salts come from requests: keep this bounded
+                del self._tenants[salt]
+                for tenants in self._policies.values():
+                    tenants.pop(salt, None)
         obj.epoch += 1
         obj.detached = True
         self._used_bytes -= obj.nbytes
