@@ -58,6 +58,16 @@ class _EngineCollector(Collector):
         yield from _tenant_metrics(status["tenants"])
 
 
+def _family(name: str, key: str, text: str, kind: type[GaugeMetricFamily] | type[CounterMetricFamily], labels: list[str],
+            rows: list[tuple[list[str], dict]]) -> Metric:
+    """One labelled family: a sample per row that has ``key`` (Redis tiers keep no capacity)."""
+    family = kind(name, text, labels=labels)
+    for values, row in rows:
+        if row.get(key) is not None:
+            family.add_metric(values, row[key])
+    return family
+
+
 def _tenant_metrics(tenants: dict) -> Iterator[Metric]:
     """Per tenant (a digest of its cache salt; "" without one), the top ones by bytes held and
     the rest summed as tenant="other": bounded however many salts there are."""
@@ -72,10 +82,7 @@ def _tenant_metrics(tenants: dict) -> Iterator[Metric]:
         ("lmcache_tenant_quota_skipped_chunks", "quota_skipped", "Chunks not stored: the tenant's quota was full.",
          CounterMetricFamily),
     ):
-        family = kind(name, text, labels=["tenant"])
-        for tenant, row in rows:
-            family.add_metric([tenant], row[key])
-        yield family
+        yield _family(name, key, text, kind, ["tenant"], [([tenant], row) for tenant, row in rows])
 
 
 def _l2_metrics(l2: dict) -> Iterator[Metric]:
@@ -100,11 +107,7 @@ def _l2_metrics(l2: dict) -> Iterator[Metric]:
          CounterMetricFamily),
         ("lmcache_l2_breaker_opened", "breaker_opened", "Times a network tier's circuit breaker opened.", CounterMetricFamily),
     ):
-        family = kind(name, text, labels=labels)
-        for i, tier in enumerate(tiers):
-            if tier.get(key) is not None:  # Redis keeps its own capacity and usage
-                family.add_metric([str(i), tier["type"]], tier[key])
-        yield family
+        yield _family(name, key, text, kind, labels, [([str(i), tier["type"]], tier) for i, tier in enumerate(tiers)])
     writable = GaugeMetricFamily("lmcache_l2_writable", "1 while the tier takes writes.", labels=labels)
     for i, tier in enumerate(tiers):
         writable.add_metric([str(i), tier["type"]], 1.0 if tier["state"] == "ok" else 0.0)
