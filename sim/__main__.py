@@ -197,10 +197,7 @@ def sweep(
     list), one request at a time; beside them, Belady's MIN and unlimited memory, computed offline."""
     from sim.bound import bounds, capacity_chunks, trace_requests
 
-    try:
-        sizes = [float(x) for x in l1_size_gb.split(",") if x.strip()]
-    except ValueError:
-        raise _bad("must be comma-separated numbers, e.g. 1,2,4", "--l1-size-gb") from None
+    sizes = _sizes(l1_size_gb)
     policies = _policies(opts.eviction_policy)
     rows: list[dict[str, Any]] = []
     mismatched = False
@@ -235,6 +232,13 @@ def sweep(
     sys.exit(1 if mismatched else 0)
 
 
+def _sizes(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise _bad("must be comma-separated numbers, e.g. 0.01,0.1,1", "--l1-size-gb") from None
+
+
 def _policies(text: str) -> list[EvictionPolicy]:
     try:
         return [EvictionPolicy(_policy_name(p)) for p in text.split(",") if p.strip()]
@@ -256,10 +260,7 @@ def bound(
     sequential replay would store and look up, computed offline (no server, seconds)."""
     from sim.bound import bounds, capacity_chunks, trace_requests
 
-    try:
-        sizes = [float(x) for x in l1_size_gb.split(",") if x.strip()]
-    except ValueError:
-        raise _bad("must be comma-separated numbers, e.g. 0.01,0.1", "--l1-size-gb") from None
+    sizes = _sizes(l1_size_gb)
     policies = _policies(eviction_policy)
     if opts.model_shape not in MODEL_SHAPES:
         raise _bad(f"must be one of {', '.join(MODEL_SHAPES)}", "--model-shape")

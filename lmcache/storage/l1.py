@@ -365,7 +365,7 @@ class L1Cache:
                 for field, value in vars(usage).items():
                     setattr(rest, field, getattr(rest, field) + value)
             return {
-                "top": [{"salt": salt, "quota_bytes": self._quotas.get(salt, self.default_quota), **vars(usage)}
+                "top": [{"salt": salt, "quota_bytes": self._limit(salt), **vars(usage)}
                         for salt, usage in ranked[:top]],
                 "others": {"tenants": max(0, len(ranked) - top), **vars(rest)},
             }
@@ -401,6 +401,10 @@ class L1Cache:
         if tenant is None:
             tenant = self._tenants[salt] = TenantUsage()
         return tenant
+
+    def _limit(self, salt: str) -> int | None:
+        """The bytes a salt may hold: its own quota, else the default (None: no limit)."""
+        return self._quotas.get(salt, self.default_quota)
 
     def _take_lock(self, obj: L1Object, now: float) -> LockHandle:
         if obj.state is State.READY:
@@ -461,7 +465,7 @@ class L1Cache:
 
     def _alloc(self, nbytes: int, salt: str) -> int:
         slot = slot_size(nbytes)
-        limit = self._quotas.get(salt, self.default_quota)
+        limit = self._limit(salt)
         if limit is not None:  # over its quota, a tenant evicts its own chunks first
             tenant = self._tenant(salt)
             while tenant.used_bytes + nbytes > limit:
@@ -494,7 +498,7 @@ class L1Cache:
             if not len(policy):
                 continue
             used = self._tenants[salt].used_bytes if salt in self._tenants else 0
-            limit = self._quotas.get(salt, self.default_quota)
+            limit = self._limit(salt)
             key = (limit is not None and used > limit, used)
             if key > best_key:
                 best, best_key = policy, key
