@@ -1,7 +1,9 @@
 """One logging setup for the whole package.
 
-Every line reads ``LMCache <LEVEL>: <message>``, the form the quick start documents, so an
-operator can grep for it whichever part of the process wrote it (our modules or Sanic's).
+Every line reads ``LMCache <LEVEL>: <message> [<local time>]``: it starts with the form the quick
+start documents, so an operator can grep for ``LMCache INFO: Stored`` whichever part of the
+process wrote it (our modules or Sanic's), and the time comes last so that it never splits that
+form.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 
-_FORMAT = "LMCache %(levelname)s: %(message)s"
+_FORMAT = "LMCache %(levelname)s: %(message)s [%(asctime)s.%(msecs)03d]"
+_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _ROOT = "lmcache"
 # Sanic logs through these; they share our handler so there is one format per process.
 _SANIC_LOGGERS = ("sanic.root", "sanic.error", "sanic.server", "sanic.access", "sanic.websockets")
@@ -39,7 +42,7 @@ def _configure_once() -> logging.Handler:
     global _handler
     if _handler is None:
         _handler = logging.StreamHandler(sys.stderr)
-        _handler.setFormatter(_OneLineFormatter(_FORMAT))
+        _handler.setFormatter(_OneLineFormatter(_FORMAT, _DATE_FORMAT))
         root = logging.getLogger(_ROOT)
         root.addHandler(_handler)
         root.setLevel(logging.INFO)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -90,11 +94,49 @@ def test_busy_port_gives_a_clear_error(which: str) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_every_log_line_has_the_spec_form() -> None:
-    with ServerProcess() as server:
+STAMP = r" \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\]$"
+
+
+def test_every_log_line_has_the_spec_form_then_a_timestamp() -> None:
+    with ServerProcess(l1_size_gb=0.1) as server:
         line = server.wait_for_line("cache server is running")
-        assert line == "LMCache INFO: LMCache cache server is running..."
-        assert all(l.startswith("LMCache ") for l in server.lines), server.output()
+        assert re.fullmatch(r"LMCache INFO: LMCache cache server is running\.\.\." + STAMP, line), line
+        resident = server.wait_for_line("L1 resident", timeout_s=60)
+        assert re.fullmatch(r"LMCache INFO: L1 resident: \d+ MiB in [\d.]+ seconds" + STAMP, resident), resident
+        start = server.wait_for_line("Starting LMCache server")
+        # Readable: words, not a Python dict.
+        assert "L1 0.1 GiB (LRU eviction)" in start and f"ZMQ on 127.0.0.1:{server.port}" in start and "{" not in start
+    assert all(re.match(r"LMCache (DEBUG|INFO|WARNING|ERROR|CRITICAL): ", l) and re.search(STAMP, l)
+               for l in server.lines), server.output()
+
+
+def test_a_terminal_gets_no_warning_about_flags_lmcache_does_not_have() -> None:
+    """Sanic warns about its "PRODUCTION mode" and its own --debug/--dev flags, on a TTY only."""
+    port, http_port = free_port(), free_port()
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [*lmcache_command(), "server", "--l1-size-gb", "0.05", "--host", "127.0.0.1", "--port", str(port),
+         "--http-host", "127.0.0.1", "--http-port", str(http_port)],
+        stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True,
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"cache server is running" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(controller, 65536)
+                except OSError:  # the process closed the terminal
+                    break
+        assert b"cache server is running" in seen, seen.decode(errors="replace")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        os.close(controller)
+    text = seen.decode(errors="replace")
+    assert "PRODUCTION" not in text and "--dev" not in text and "Sanic" not in text, text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import httpx
+import torch
 
 from lmcache.client import MPClient
+from lmcache.keys import prompt_hashes
+from lmcache.kv_transfer import register_kv_caches
 from lmcache.server.process import ServerProcess
+from lmcache.testing.vllm_like import KVShape, make_kv
 
 
 def test_healthcheck_is_healthy(http: httpx.Client) -> None:
@@ -78,3 +82,45 @@ def test_wrong_method_is_405_json(http: httpx.Client) -> None:
         assert r.status_code == 405, (method, path)
         assert r.json()["status"] == "error"
         assert r.json()["method"] == method
+
+
+def test_status_and_metrics_show_hit_rates_bytes_and_latency_histograms(http: httpx.Client, client: MPClient) -> None:
+    kv = make_kv("LBHNC", "bfloat16")
+    for t in kv:
+        t.copy_(torch.randn(t.shape))
+    stored = [t.clone() for t in kv]
+    chunk_bytes = sum(t.nbytes for t in kv) // KVShape().blocks * (256 // KVShape().block_size)
+    reg = register_kv_caches(client, kv, model="activity", mode="engine_driven")
+    before = http.get("/status").json()
+    prompt = prompt_hashes(list(range(1000, 1512)), 256)  # two chunks
+    assert reg.store(prompt, range(32)).stored == 2
+    assert client.lookup(reg.scope(), prompt + prompt_hashes(list(range(9000, 9256)), 256)) == 2  # 2 of 3 found
+    for t in kv:
+        t.zero_()
+    assert reg.retrieve(prompt, range(32)).retrieved == 2
+    assert all(torch.equal(a, b) for a, b in zip(kv, stored, strict=True))
+    body = http.get("/status").json()
+    now, was = body["activity"], before["activity"]
+    assert now["lookups"] == was["lookups"] + 1
+    assert now["hit_tokens"] - was["hit_tokens"] == 512 and now["lookup_tokens"] - was["lookup_tokens"] == 768
+    assert now["stored_bytes"] - was["stored_bytes"] == 2 * chunk_bytes
+    assert now["retrieved_bytes"] - was["retrieved_bytes"] == 2 * chunk_bytes
+    assert now["stored_tokens"] - was["stored_tokens"] == 512 and now["retrieved_tokens"] - was["retrieved_tokens"] == 512
+    assert 0 < now["token_hit_rate"] <= 1 and 0 < body["l1"]["hit_rate"] <= 1
+    for op in ("lookup", "store", "retrieve"):
+        assert now["latency"][op]["count"] == was["latency"][op]["count"] + 1 and now["latency"][op]["mean_ms"] > 0
+
+    values = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["lmcache_stored_bytes_total"] == now["stored_bytes"]
+    assert values["lmcache_hit_tokens_total"] == now["hit_tokens"]
+    for op in ("lookup", "store", "retrieve"):
+        count = values[f"lmcache_{op}_duration_seconds_count"]
+        assert count == now["latency"][op]["count"]
+        assert values[f'lmcache_{op}_duration_seconds_bucket{{le="+Inf"}}'] == count
+        assert values[f"lmcache_{op}_duration_seconds_sum"] > 0
+        buckets = [v for k, v in values.items() if k.startswith(f"lmcache_{op}_duration_seconds_bucket")]
+        assert buckets == sorted(buckets)  # cumulative

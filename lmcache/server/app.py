@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import socket
+import threading
+import time
 
 from lmcache import __version__
-from lmcache.config import ServerConfig
+from lmcache.config import GIB, ServerConfig
 from lmcache.log import init_logger, set_level
 from lmcache.server.engine import CacheEngine
 from lmcache.server.http import build_app
@@ -39,7 +42,8 @@ def _bind_http(config: ServerConfig) -> socket.socket:
 def run_server(config: ServerConfig) -> int:
     """Runs until SIGINT/SIGTERM; returns the process exit status."""
     set_level(config.log_level.value)
-    logger.info("Starting LMCache server %s with %s", __version__, config.as_dict())
+    logger.info("Starting LMCache server %s: %s", __version__, describe(config))
+    logger.debug("Configuration: %s", config.as_dict())
     try:
         engine = CacheEngine(config)
     except (MemoryError, OSError) as e:
@@ -73,6 +77,33 @@ def run_server(config: ServerConfig) -> int:
     return 0
 
 
+def describe(config: ServerConfig) -> str:
+    """The start line: what an operator checks first, in words."""
+    l2 = ", ".join(a.type for a in config.l2_adapters) or "none"
+    quota = f"{config.default_quota_gb:g} GiB" if config.default_quota_gb else "none"
+    access = "on" if config.admin_token or config.curve_secret_key else "off"
+    return (f"L1 {config.l1_size_gb:g} GiB ({config.eviction_policy.value} eviction), "
+            f"chunks of {config.chunk_size} tokens, ZMQ on {config.host}:{config.port}, "
+            f"HTTP on {config.http_host}:{config.http_port}, {config.max_workers} copy worker(s), "
+            f"L2 tiers: {l2}, default quota: {quota}, access control: {access}")
+
+
+def _log_when_resident(engine: CacheEngine) -> None:
+    """Logs once the whole L1 pool is in memory (mapped at start, faulted in the background)."""
+    start = time.monotonic()
+    pool = engine.l1.pool
+
+    def wait() -> None:
+        while not pool.wait_prefaulted(0.5):
+            if engine.stopping:
+                return
+        if not engine.stopping:
+            size = f"{pool.size / GIB:.2f} GiB" if pool.size >= GIB else f"{pool.size / (1 << 20):.0f} MiB"
+            logger.info("L1 resident: %s in %.1f seconds", size, time.monotonic() - start)
+
+    threading.Thread(target=wait, name="lmcache-resident", daemon=True).start()
+
+
 class _Failure:
     """What stops the server from inside: set once, from any thread."""
 
@@ -103,6 +134,9 @@ async def _serve(
         loop.add_signal_handler(sig, stop.set)
 
     app = build_app(engine, metrics)
+    # Sanic warns on a terminal about a "PRODUCTION mode" and flags of its own CLI, which this
+    # server does not have; lmcache's own log says what runs.
+    os.environ.setdefault("SANIC_IGNORE_PRODUCTION_WARNING", "1")
     http = await app.create_server(sock=http_sock, return_asyncio_server=True, access_log=False)
     assert http is not None
     await http.startup()
@@ -110,6 +144,7 @@ async def _serve(
     await http.start_serving()
     zmq_server.start()
     engine.start()
+    _log_when_resident(engine)
     logger.info("ZMQ server listening on %s", zmq_server.endpoint)
     logger.info("HTTP server listening on http://%s:%d", config.http_host, config.http_port)
     logger.info(RUNNING_LINE)

@@ -32,6 +32,7 @@ from lmcache.config import GIB, ServerConfig
 from lmcache.keys import HASH_BYTES, CacheScope, split_hashes
 from lmcache.log import init_logger
 from lmcache.protocol import NO_EVENT, TransferMode
+from lmcache.server.activity import Activity
 from lmcache.server.copiers import Outcome
 from lmcache.server.devices import GpuDevices, RuntimeFactory, cupy_runtime
 from lmcache.server.errors import RequestError
@@ -141,6 +142,7 @@ class CacheEngine:
         self._tickets = Tickets()
         self._next_sweep = 0.0
         self._clears = 0
+        self.activity = Activity(config.chunk_size)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -171,6 +173,11 @@ class CacheEngine:
         self.l1.clear()
         del self._arena
         self.l1.pool.close()
+
+    @property
+    def stopping(self) -> bool:
+        """Shutdown has begun (or the engine is closed)."""
+        return self._stopping.is_set()
 
     def fail(self, reason: str) -> None:
         """A part the engine depends on (the ZMQ loop) died: unhealthy from now on."""
@@ -210,6 +217,7 @@ class CacheEngine:
         _check_scope(scope)
         if lock and not session:
             raise RequestError("a locking lookup needs a session id")
+        start = time.perf_counter()
         scopes = self._lookup_scopes(scope, all_ranks)
         if not scopes:
             return 0
@@ -230,6 +238,7 @@ class CacheEngine:
                     entry.handles.extend(kept)
                     entry.deadline = time.monotonic() + self.config.lock_ttl_s
         self._sweep()
+        self.activity.looked_up(len(hashes) // HASH_BYTES, count, time.perf_counter() - start)
         return count
 
     def lookup_loads(self, scope: CacheScope, hashes: bytes, all_ranks: bool = False) -> bool:
@@ -358,7 +367,7 @@ class CacheEngine:
         def release(ok: Outcome) -> None:  # the read locks hold until the copies have run
             self.l1.release(kept)
             if ok:
-                self._log("Retrieved", len(kept), start)
+                self._finished("retrieve", len(kept), kept[0].obj.nbytes, start)
 
         then = _once(release)
         try:
@@ -412,8 +421,9 @@ class CacheEngine:
         if t is None:
             return 0
         released = self.l1.release(t.handles)
-        if t.handles:
-            self._log("Retrieved", len(t.handles), t.start)
+        kept = [h for h in t.handles if h is not None]
+        if kept:
+            self._finished("retrieve", len(kept), kept[0].obj.nbytes, t.start)
         return released
 
     def _issue(self, ticket: Ticket) -> int:
@@ -451,14 +461,19 @@ class CacheEngine:
     def _publish(self, handles: Sequence[LockHandle | None], ok: Outcome, start: float) -> int:
         stored = self.l1.commit(handles, ok)
         if stored:
-            self._log("Stored", stored, start)
+            objects = [h.obj for h in handles if h is not None]
+            self._finished("store", stored, objects[0].nbytes, start)
             if self.l2 is not None:
-                objects = [h.obj for h in handles if h is not None]
                 self.l2.write_through(objects[0].scope, [o.chunk_hash for o in objects])
         return stored
 
-    def _log(self, what: str, chunks: int, start: float) -> None:
-        logger.info("%s %d tokens in %.3f seconds", what, chunks * self.config.chunk_size, time.perf_counter() - start)
+    def _finished(self, operation: str, chunks: int, chunk_bytes: int, start: float) -> None:
+        """Logs and counts a store or retrieve (every chunk of one request has the same size)."""
+        seconds = time.perf_counter() - start
+        self.activity.moved(operation, chunks, chunks * chunk_bytes, seconds)
+        # Six decimals: a store of a few chunks takes well under a millisecond.
+        logger.info("%s %d tokens in %.6f seconds", "Stored" if operation == "store" else "Retrieved",
+                    chunks * self.config.chunk_size, seconds)
 
     # --- admin ------------------------------------------------------------------------------
 
@@ -502,7 +517,10 @@ class CacheEngine:
                     "eviction_policy": self.config.eviction_policy.value,
                     "clears": self._clears,
                     **{k: v for k, v in l1.items() if k != "used_bytes"},
+                    # Of the chunks lookups asked L1 about, the share it held.
+                    "hit_rate": round(l1["hits"] / (l1["hits"] + l1["misses"]), 4) if l1["hits"] + l1["misses"] else None,
                 },
+                "activity": self.activity.snapshot(),
                 "tenants": _tenant_ids(self.l1.tenants(TOP_TENANTS)),
                 "l2": self.l2.status() if self.l2 is not None else {"tiers": []},
                 "engines": engines,

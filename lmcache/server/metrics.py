@@ -15,7 +15,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lmcache.server.engine import CacheEngine
@@ -54,8 +54,28 @@ class _EngineCollector(Collector):
             ("lmcache_l1_clears", "clears", "Times the cache was cleared."),
         ):
             yield CounterMetricFamily(name, text, value=l1[key])
+        yield from _activity_metrics(status["activity"], self._engine.activity.histograms())
         yield from _l2_metrics(status["l2"])
         yield from _tenant_metrics(status["tenants"])
+
+
+def _activity_metrics(activity: dict, histograms: dict[str, tuple[list[tuple[str, int]], float]]) -> Iterator[Metric]:
+    for name, key, text in (
+        ("lmcache_lookups", "lookups", "Lookups answered."),
+        ("lmcache_lookup_tokens", "lookup_tokens", "Tokens (of whole chunks) lookups asked for."),
+        ("lmcache_hit_tokens", "hit_tokens", "Tokens lookups found cached."),
+        ("lmcache_stored_tokens", "stored_tokens", "Tokens stored."),
+        ("lmcache_retrieved_tokens", "retrieved_tokens", "Tokens retrieved."),
+        ("lmcache_stored_bytes", "stored_bytes", "Bytes of KV stored."),
+        ("lmcache_retrieved_bytes", "retrieved_bytes", "Bytes of KV retrieved."),
+    ):
+        yield CounterMetricFamily(name, text, value=activity[key])
+    for operation, (buckets, total_s) in histograms.items():
+        yield HistogramMetricFamily(
+            f"lmcache_{operation}_duration_seconds",
+            f"Time per {operation}, from the request to its chunks being published or released.",
+            buckets=buckets, sum_value=total_s,
+        )
 
 
 def _family(name: str, key: str, text: str, kind: type[GaugeMetricFamily] | type[CounterMetricFamily], labels: list[str],
