@@ -1,4 +1,4 @@
-# lmcache/standalone: `docker run ... lmcache/standalone:nightly /opt/venv/bin/lmcache server ...`
+# lmcache-standalone-server (not the LMCache project's lmcache/standalone image): `docker build -t lmcache-standalone-server:0.1.0 .`, then `docker run ... lmcache-standalone-server:0.1.0 /opt/venv/bin/lmcache server ...`
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv

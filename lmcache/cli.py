@@ -41,7 +41,10 @@ def _choices(kind: type[enum.Enum]) -> str:
 
 def _show_version(value: bool) -> None:
     if value:
-        typer.echo(f"lmcache {__version__}")
+        # This package and the LMCache project's are both installed as `lmcache`: say which one this is.
+        typer.echo(f"lmcache {__version__} (standalone server: a drop-in reimplementation of LMCache's "
+                   f"multiprocess server, not the LMCache project's package)\n"
+                   f"installed at {Path(__file__).resolve().parent}")
         raise typer.Exit()
 
 

@@ -10,9 +10,11 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+import lmcache
 from lmcache.client import MPClient
 from lmcache.server.process import ServerProcess, free_port, lmcache_command
 
@@ -94,6 +96,13 @@ def test_busy_port_gives_a_clear_error(which: str) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_version_says_which_lmcache_this_is() -> None:
+    out = _run("--version")
+    assert out.returncode == 0
+    assert out.stdout.startswith("lmcache 0.1.0 (standalone server") and "not the LMCache project's package" in out.stdout
+    assert str(Path(lmcache.__file__).resolve().parent) in out.stdout
+
+
 STAMP = r" \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\]$"
 
 
@@ -106,8 +115,8 @@ def test_every_log_line_has_the_spec_form_then_a_timestamp() -> None:
         start = server.wait_for_line("Starting LMCache server")
         # Readable: words, not a Python dict.
         assert "L1 0.1 GiB (LRU eviction)" in start and f"ZMQ on 127.0.0.1:{server.port}" in start and "{" not in start
-    assert all(re.match(r"LMCache (DEBUG|INFO|WARNING|ERROR|CRITICAL): ", l) and re.search(STAMP, l)
-               for l in server.lines), server.output()
+    assert all(re.match(r"LMCache (DEBUG|INFO|WARNING|ERROR|CRITICAL): ", line) and re.search(STAMP, line)
+               for line in server.lines), server.output()
 
 
 def test_a_terminal_gets_no_warning_about_flags_lmcache_does_not_have() -> None:
