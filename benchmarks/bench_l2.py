@@ -3,12 +3,14 @@
 - Put and get of chunk objects (4 MiB: a 256-token chunk of a small model; 32 MiB: of an 8B
   one) next to a plain Python sequential write and read of the same sizes into files of the same
   directory. Same policy on both sides: no fsync (the tier does not fsync per chunk), so both
-  measure the page cache, not the device; reads follow the writes. Goal >= 0.7x.
+  measure the page cache, not the device; reads follow the writes. Goal: PUT_GET_GOAL below.
 - Store RPC latency with the disk tier on and off (a real server, engine_driven, 16-chunk
-  stores): the write-through must not slow a Store. Goal p50 and p99 <= 1.1x.
-- Restart: the index rebuilt from 100k chunk files (2k with --benchmark-disable). Goal <= 5 s.
+  stores): the write-through must not slow a Store. Goal on p50 and p99: STORE_LATENCY_GOAL.
+- Restart: the index rebuilt from 100k chunk files (2k with --benchmark-disable, the figure
+  scaled to 100k), next to listing the same directory (os.scandir and a stat per file). Goal:
+  RESTART_GOAL.
 
-    pytest benchmarks/bench_l2.py --benchmark-enable -s
+    pytest benchmarks/bench_l2.py --benchmark-enable
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from figures import at_least, at_most
 
 from lmcache.client import MPClient
 from lmcache.keys import CacheScope, prompt_hashes
@@ -57,9 +60,12 @@ def _plain_gbps(folder: Path, payload: np.ndarray, files: int) -> tuple[float, f
     return n / write_s / 1e9, n / read_s / 1e9
 
 
+PUT_GET_GOAL = at_least(0.7, "x")  # of plain file I/O; ../shared/research/l2_tiers.md, G2
+
+
 @pytest.mark.benchmark(group="l2-disk-put-get")
 @pytest.mark.parametrize("mib", [4, 32])
-def test_disk_tier_put_and_get_vs_plain_files(benchmark, mib: int) -> None:
+def test_disk_tier_put_and_get_vs_plain_files(benchmark, figures, mib: int) -> None:
     files = 2 if benchmark.disabled else max(8, 512 // mib)
     payload = np.random.default_rng(0).integers(0, 255, mib << 20, dtype=np.uint8)
     with tempfile.TemporaryDirectory(dir=os.environ.get("LMCACHE_BENCH_DIR")) as d:
@@ -91,9 +97,9 @@ def test_disk_tier_put_and_get_vs_plain_files(benchmark, mib: int) -> None:
     put, get = n / put_s / 1e9, n / get_s / 1e9
     benchmark.extra_info.update(put_gbps=round(put, 2), get_gbps=round(get, 2), plain_write_gbps=round(plain_w, 2),
                                 plain_read_gbps=round(plain_r, 2))
-    print(f"\ndisk tier {mib} MiB chunks: put {put:.2f} GB/s vs plain write {plain_w:.2f} ({put / plain_w:.2f}x), "
-          f"get {get:.2f} GB/s vs plain read {plain_r:.2f} ({get / plain_r:.2f}x) (goal >= 0.7x; no fsync on either side; "
-          "get includes the checksum check)")
+    # No fsync on either side; get includes the checksum check.
+    figures.record(f"disk tier put, {mib} MiB chunks", put, "GB/s", ceiling=("plain write", plain_w, "GB/s"), goal=PUT_GET_GOAL)
+    figures.record(f"disk tier get, {mib} MiB chunks", get, "GB/s", ceiling=("plain read", plain_r, "GB/s"), goal=PUT_GET_GOAL)
 
 
 def _store_latencies(extra: list[str], rounds: int, settle: bool) -> list[float]:
@@ -118,8 +124,11 @@ def _store_latencies(extra: list[str], rounds: int, settle: bool) -> list[float]
         return out
 
 
+STORE_LATENCY_GOAL = at_most(1.1, "x")  # p50 and p99, tier on / off; ../shared/research/l2_tiers.md, G6
+
+
 @pytest.mark.benchmark(group="l2-store-latency")
-def test_store_latency_with_the_disk_tier_on_and_off(benchmark) -> None:
+def test_store_latency_with_the_disk_tier_on_and_off(benchmark, figures) -> None:
     rounds = 3 if benchmark.disabled else 60
 
     def p99(xs: list[float]) -> float:
@@ -132,14 +141,20 @@ def test_store_latency_with_the_disk_tier_on_and_off(benchmark) -> None:
             off = _store_latencies([], rounds, settle)
         on50, off50 = statistics.median(on) * 1e3, statistics.median(off) * 1e3
         benchmark.extra_info[f"p50_on_off_ms_{'settled' if settle else 'back_to_back'}"] = (round(on50, 3), round(off50, 3))
-        print(f"\nstore of 16 chunks (16 MiB), {'each after the disk writes of the last' if settle else 'back to back'}: "
-              f"p50 {on50:.2f} ms with the disk tier vs {off50:.2f} ms without ({on50 / off50:.2f}x), "
-              f"p99 {p99(on) * 1e3:.2f} vs {p99(off) * 1e3:.2f} ms ({p99(on) / p99(off):.2f}x) (goal <= 1.1x)")
+        # settled: each store starts after the disk writes of the last one; else back to back.
+        how = "settled" if settle else "back to back"
+        figures.record(f"16-chunk Store p50 with disk tier, {how}", on50, "ms", ceiling=("tier off", off50, "ms"),
+                       goal=STORE_LATENCY_GOAL)
+        figures.record(f"16-chunk Store p99 with disk tier, {how}", p99(on) * 1e3, "ms",
+                       ceiling=("tier off", p99(off) * 1e3, "ms"), goal=STORE_LATENCY_GOAL)
     benchmark.pedantic(lambda: None, rounds=1)
 
 
+RESTART_GOAL = at_most(5, "s")  # per 100k chunk files; ../shared/research/l2_tiers.md, G1
+
+
 @pytest.mark.benchmark(group="l2-restart")
-def test_restart_rebuilds_the_index_from_the_directory(benchmark) -> None:
+def test_restart_rebuilds_the_index_from_the_directory(benchmark, figures) -> None:
     files = 2_000 if benchmark.disabled else 100_000
     with tempfile.TemporaryDirectory(dir=os.environ.get("LMCACHE_BENCH_DIR")) as d:
         key = chunk_file.scope_id(SCOPE)
@@ -153,4 +168,9 @@ def test_restart_rebuilds_the_index_from_the_directory(benchmark) -> None:
         tier = benchmark.pedantic(DiskTier, args=(d, 1 << 40), rounds=1)
         seconds = time.perf_counter() - start
         assert tier.status()["objects"] == files
-    print(f"\nrestart with {files} chunk files on disk: index rebuilt in {seconds:.2f} s (goal <= 5 s)")
+        start = time.perf_counter()
+        assert sum(1 for e in os.scandir(folder) if e.stat(follow_symlinks=False).st_size) == files
+        listing = time.perf_counter() - start
+    per_100k = 100_000 / files
+    figures.record(f"index rebuild per 100k chunk files ({files} on disk)", seconds * per_100k, "s",
+                   ceiling=("scandir+stat", listing * per_100k, "s"), goal=RESTART_GOAL)

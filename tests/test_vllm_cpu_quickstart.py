@@ -26,14 +26,13 @@ from lmcache.server.process import ServerProcess, free_port
 
 PYTHON = os.environ.get("LMCACHE_VLLM_CPU_PYTHON")
 pytestmark = pytest.mark.skipif(not PYTHON, reason="LMCACHE_VLLM_CPU_PYTHON is not set (see scripts/test.sh)")
-HERE = Path(__file__).parent / "vllm_cpu"
 PROMPT = "Explain the significance of KV cache in language models. " * 40  # about 440 tokens
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run([PYTHON, str(HERE / "make_tiny_model.py"), str(path)], check=True, capture_output=True, timeout=300)
+    subprocess.run([PYTHON, "-m", "lmcache.vllm_cpu", "tiny-model", str(path)], check=True, capture_output=True, timeout=300)
     return path
 
 
@@ -50,7 +49,7 @@ class VllmServe:
         }
         self.log = open(model.parent / f"vllm-{self.port}.log", "w+")
         self.proc = subprocess.Popen(
-            [PYTHON, str(HERE / "vllm_cpu_serve.py"), "serve", str(model), "--host", "127.0.0.1",
+            [PYTHON, "-m", "lmcache.vllm_cpu", "serve", str(model), "--host", "127.0.0.1",
              "--port", str(self.port), "--dtype", "bfloat16", "--disable-hybrid-kv-cache-manager",
              "--no-enable-prefix-caching", "--enforce-eager", "--block-size", str(block_size),
              "--kv-cache-memory-bytes", "134217728", "--max-model-len", "2048",
