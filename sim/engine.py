@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmcache import protocol as p
@@ -84,13 +85,16 @@ class SimEngine:
         self.spec, self.ranks, self.chunk_size = spec, ranks, chunk_size
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
         self.max_output_tokens = max_output_tokens
-        self.workers = [
-            WorkerProcess(spec=spec, config=config, rank=r, world_size=ranks, instance_id=f"{instance}-rank{r}",
-                          chunk_size=chunk_size)
-            for r in range(ranks)
-        ]
-        for w in self.workers:
-            w.ready()
+        self.workers: list[WorkerProcess] = []
+        try:
+            for r in range(ranks):
+                self.workers.append(WorkerProcess(spec=spec, config=config, rank=r, world_size=ranks,
+                                                  instance_id=f"{instance}-rank{r}", chunk_size=chunk_size))
+            for w in self.workers:
+                w.ready()
+        except BaseException:  # a Ctrl-C or a rank that failed to start: nobody else knows these ranks yet
+            self.kill()
+            raise
         self.lookups = _LookupTimes()
         self.client = MPClient(strip_scheme(config.host), config.port, timeout_s=config.timeout_s,
                                observe=self.lookups.observe)
@@ -251,3 +255,15 @@ class SimEngine:
         transfers = [w.close() for w in self.workers]
         self.scheduler.close()
         return transfers
+
+    def stop(self, deadline: float, abandon: Callable[[], bool]) -> list[TransferStats | None]:
+        """After an interrupt: closes every rank by ``deadline`` (see WorkerProcess.stop); None
+        for a rank that had to be killed before it said what it moved."""
+        transfers = [w.stop(deadline, abandon) for w in self.workers]
+        self.scheduler.close()
+        return transfers
+
+    def kill(self) -> None:
+        """Ends whatever ranks still run and removes what they left in /dev/shm (a no-op after close)."""
+        for w in self.workers:
+            w.kill()

@@ -27,7 +27,8 @@ class Pacing:
 
 def play(source: Iterable[SimRequest], engines: list[SimEngine], pacing: Pacing,
          progress: Callable[[int], None]) -> float:
-    """Plays every request; returns the wall time. Requests go to the engines in turn."""
+    """Plays every request; returns the wall time. Requests go to the engines in turn.
+    ``progress`` is called on every turn of the loop with the requests finished since the last."""
     requests = iter(source)
     upcoming = next(requests, None)
     first_arrival = upcoming.arrival_s if upcoming else 0.0
@@ -52,6 +53,7 @@ def play(source: Iterable[SimRequest], engines: list[SimEngine], pacing: Pacing,
             if pacing.sequential:
                 break
         busy = [e for e in engines if e.busy()]
+        progress(0)  # a turn with nothing finished still lets a progress line come on time
         if not busy:
             if upcoming is not None:  # the simulated clock: nothing to do until the next arrival
                 due = (upcoming.arrival_s - first_arrival) / pacing.speed
@@ -64,6 +66,30 @@ def play(source: Iterable[SimRequest], engines: list[SimEngine], pacing: Pacing,
             if done:
                 progress(done)
     return time.perf_counter() - start
+
+
+class ProgressLines:
+    """Counts finished requests, and writes a line every ``every_s`` seconds (0: never): requests
+    done of the total, the hit rate so far. A line, not a bar, so that logs read the same."""
+
+    def __init__(self, engines: list[SimEngine], total: int, every_s: float, write: Callable[[str], None]) -> None:
+        self.engines, self.total, self.every_s, self.write = engines, total, every_s, write
+        self.done = 0
+        self.started = time.monotonic()
+        self._next = self.started + every_s
+
+    def __call__(self, finished: int) -> None:
+        self.done += finished
+        now = time.monotonic()
+        if self.every_s > 0 and now >= self._next:
+            self._next = now + self.every_s
+            self.write(self.line(now))
+
+    def line(self, now: float) -> str:
+        prompt = sum(e.stats.prompt_tokens for e in self.engines)
+        hits = sum(e.stats.hit_tokens for e in self.engines)
+        return (f"progress: {self.done}/{self.total} requests done, hit rate {hits / max(1, prompt):.1%} so far, "
+                f"{now - self.started:.0f} s")
 
 
 def scribble_on_l1(server_pid: int) -> None:

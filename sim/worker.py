@@ -9,7 +9,12 @@ stores over, report finished loads and stores.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
+import threading
+import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +25,7 @@ from lmcache.client import MPClient
 from lmcache.config import ConnectorConfig, strip_scheme
 from lmcache.integration.vllm.adapter import StepMetadata, WorkerAdapter
 from lmcache.kv_transfer import TransferStats
+from sim.leftovers import remove_files_of
 from sim.model import ModelSpec, kv_values, spans, token_view
 
 
@@ -122,6 +128,8 @@ class SimWorker:
 
 
 def _serve(conn: Any, kwargs: dict[str, Any]) -> None:
+    # A Ctrl-C reaches every process of the terminal's group: the parent stops this rank in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         worker = SimWorker(**kwargs)
         conn.send(("ok", None))
@@ -140,6 +148,23 @@ def _serve(conn: Any, kwargs: dict[str, Any]) -> None:
             return
 
 
+ANSWER_S = 120  # the longest a rank may take over one call (a step, its start, its close)
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """While a rank starts: it inherits SIGINT ignored, so that a Ctrl-C during its imports (before
+    ``_serve`` ignores it itself) does not kill it with a traceback; the parent handles the Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class WorkerProcess:
     """A SimWorker in its own process. ``send_step`` and ``result`` are split so that every rank
     works on a step at the same time."""
@@ -149,8 +174,10 @@ class WorkerProcess:
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, kwargs), daemon=True,
                                 name=f"sim-rank-{kwargs['instance_id']}")
-        self.proc.start()
+        with sigint_ignored():
+            self.proc.start()
         child.close()
+        self._pending = False  # a step was sent whose result has not been taken
 
     def ready(self) -> None:
         self._receive()
@@ -158,9 +185,12 @@ class WorkerProcess:
     def send_step(self, meta: StepMetadata, verify: list[Span], forward: list[Span], finished: set[str],
                   idle: bool) -> None:
         self._conn.send((meta, verify, forward, finished, idle))
+        self._pending = True
 
     def result(self) -> StepResult:
-        return self._receive()
+        result = self._receive()
+        self._pending = False
+        return result
 
     def close(self) -> TransferStats:
         self._conn.send(None)
@@ -168,10 +198,51 @@ class WorkerProcess:
         self.proc.join(10)
         return transfers
 
-    def _receive(self) -> Any:
-        if not self._conn.poll(120):
-            raise RuntimeError(f"{self.proc.name} did not answer within 120 s")
-        status, value = self._conn.recv()
+    def stop(self, deadline: float, abandon: Callable[[], bool]) -> TransferStats | None:
+        """After an interrupt: takes the rank's pending step result, closes it (its adapter finishes
+        its I/O) and returns what it moved; kills it instead, returning None, at ``deadline`` or as
+        soon as ``abandon()`` (its I/O could only time out: the server is gone)."""
+        try:
+            if self._pending:
+                self._receive(deadline, abandon)
+                self._pending = False
+            self._conn.send(None)
+            transfers: TransferStats = self._receive(deadline, abandon)
+        except Exception:  # noqa: BLE001 - any failure here (pipe cut mid-message, rank dead) ends in kill()
+            self.kill()
+            return None
+        self.proc.join(max(0.0, deadline - time.monotonic()))
+        self.kill()
+        return transfers
+
+    def kill(self) -> None:
+        """Ends the rank if it still runs, then removes what it left in /dev/shm."""
+        if self.proc.pid is None:
+            return
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+        if self.proc.exitcode is not None:
+            remove_files_of(self.proc.pid)
+
+    def _receive(self, deadline: float | None = None, abandon: Callable[[], bool] = lambda: False) -> Any:
+        limit = time.monotonic() + ANSWER_S if deadline is None else deadline
+        while not self._conn.poll(0.05):
+            if not self.proc.is_alive() and not self._conn.poll(0):  # it may have answered, then exited
+                raise self._died()
+            if abandon() or time.monotonic() > limit:
+                raise RuntimeError(f"{self.proc.name} did not answer within {ANSWER_S} s" if deadline is None
+                                   else f"{self.proc.name} was given up on")
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise self._died() from None
         if status != "ok":
             raise RuntimeError(f"{self.proc.name} failed:\n{value}")
         return value
+
+    def _died(self) -> RuntimeError:
+        self.proc.join(1)
+        code = self.proc.exitcode
+        why = " (killed: out of memory? see --memory-gb)" if code == -signal.SIGKILL else ""
+        return RuntimeError(f"{self.proc.name} exited with status {code}{why}")

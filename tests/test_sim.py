@@ -191,6 +191,10 @@ def test_sweep_writes_a_plot_and_hit_rates_that_grow_with_l1(tmp_path: Path) -> 
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(plot) as png:  # the title names the model and the chunk the hit rates were measured with
+        assert "40 requests, tiny model, 256-token chunks of 4.0 KiB" in png.text["Title"]
     every = json.loads(report.read_text())
     assert [r["policy"] for r in every] == ["LRU", "LRU", "S3FIFO", "S3FIFO", "Belady", "unlimited", "Belady", "unlimited"]
     for size in (0.0002, 0.01):  # the optimum bounds every policy at every size
