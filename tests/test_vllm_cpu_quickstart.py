@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import signal
 import subprocess
 import time
 import urllib.request
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lmcache.server.process import ServerProcess, free_port
+from lmcache.server.process import ServerProcess, free_port, stop_group
 
 PYTHON = os.environ.get("LMCACHE_VLLM_CPU_PYTHON")
 pytestmark = pytest.mark.skipif(not PYTHON, reason="LMCACHE_VLLM_CPU_PYTHON is not set (see scripts/test.sh)")
@@ -95,13 +94,7 @@ class VllmServe:
         return self.log.read()[-5000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self.log.close()
 
 

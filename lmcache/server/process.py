@@ -29,6 +29,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` can be bound on loopback now (for fixed ports: a Redis node's, the README's)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Stops a child started with ``start_new_session=True`` and all it started: SIGTERM to its
+    process group, then SIGKILL if it overstays."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def lmcache_command() -> list[str]:
     """The installed console script next to this interpreter, else ``python -m lmcache.cli``."""
     script = Path(sys.executable).with_name("lmcache")

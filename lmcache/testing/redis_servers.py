@@ -12,14 +12,13 @@ from __future__ import annotations
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from lmcache.server.process import free_port
+from lmcache.server.process import free_port, port_is_free
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -148,18 +147,9 @@ def _cluster_port() -> int:
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20000, 45000)
-        if all(_free(p) for p in (port, port + 10000)):
+        if all(port_is_free(p) for p in (port, port + 10000)):
             return port
     raise OSError("no free port pair for a Redis cluster node")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _cluster_ok(client: redis.Redis) -> bool:
