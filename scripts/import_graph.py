@@ -45,6 +45,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lmcache.server.process",
             "lmcache.server.metrics",
             "lmcache.integration.*",
+            "lmcache.vllm_cpu",
             "lmcache.v1.*",
             "lmcache.testing.*",
             "sim.*",
@@ -56,6 +57,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "lmcache.server",
             "lmcache.server.engine",
+            "lmcache.server.activity",
             "lmcache.server.registry",
             "lmcache.server.copiers",
             "lmcache.server.devices",
