@@ -110,7 +110,10 @@ def stack(tmp_path: Path) -> Iterator[tuple[Shell, Shell]]:
 
 
 def test_the_readme_cpu_quick_start_runs_as_written(stack: tuple[Shell, Shell]) -> None:
-    server, _ = stack
+    server, vllm = stack
+    # The log lines the README promises.
+    assert re.search(r"Registered KV cache for GPU ID \S+ with 2 layers", server.wait_for("Registered KV cache", 60))
+    vllm.wait_for("LMCache INFO: Registering kv caches!", 60)
     answers = []
     for what in ("Stored", "Retrieved"):
         done = subprocess.run(["bash", "-c", block("request")], cwd=ROOT, capture_output=True, text=True, timeout=300)
