@@ -37,6 +37,7 @@ class EvictionPolicy(str, enum.Enum):
     LRU = "LRU"
     S3FIFO = "S3FIFO"
     ARC = "ARC"
+    ARC_LONG = "ARC-LONG"
 
 
 class LogLevel(str, enum.Enum):
@@ -203,7 +204,7 @@ class ServerConfig:
     port: int = 5555
     http_host: str = "0.0.0.0"
     http_port: int = 8080
-    eviction_policy: EvictionPolicy = EvictionPolicy.LRU
+    eviction_policy: EvictionPolicy = EvictionPolicy.ARC_LONG  # best on real traces; see storage/eviction.py
     max_workers: int = 1
     chunk_size: int = 256
     log_level: LogLevel = LogLevel.INFO

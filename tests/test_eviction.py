@@ -158,7 +158,7 @@ def test_s3fifo_sends_a_chunk_stored_again_from_the_ghost_to_main() -> None:
     policy.check()
 
 
-@pytest.mark.parametrize("value", ["s3fifo", "ARC", "lru"])
+@pytest.mark.parametrize("value", ["s3fifo", "ARC", "lru", "arc-long"])
 def test_the_flag_takes_every_policy_in_any_case(value: str) -> None:
     assert ServerConfig(l1_size_gb=0.01, eviction_policy=value).eviction_policy.value == value.upper()
 
