@@ -56,7 +56,8 @@ class Options:
 
     requests: int = _option("--requests", 1000, "How many requests to play (a trace's first N).")
     l1_size_gb: float = _option("--l1-size-gb", 1.0, "L1 size of the server the simulator starts.")
-    eviction_policy: str = _option("--eviction-policy", EvictionPolicy.ARC_LONG.value, "Eviction policy of that server (sweep: a comma-separated list).")
+    eviction_policy: str = _option("--eviction-policy", EvictionPolicy.ARC_LONG.value,
+                                   "Eviction policy of that server (sweep: a comma-separated list).")
     chunk_size: int = _option("--chunk-size", 256, "Chunk size of that server.")
     l2_adapter: list[str] | None = _option("--l2-adapter", None, "An L2 tier for the server the simulator starts "
                                            "(its --l2-adapter JSON; repeat for several).")
