@@ -64,7 +64,7 @@ def server(
     ],
     eviction_policy: Annotated[
         str, typer.Option("--eviction-policy", metavar=_choices(EvictionPolicy), help="What to evict when L1 is full (any case).")
-    ] = EvictionPolicy.ARC_LONG.value,
+    ] = EvictionPolicy.LONG_2Q.value,
     host: Annotated[str, typer.Option("--host", help="Interface for the ZMQ server (vLLM connects here).")] = "localhost",
     port: Annotated[int, typer.Option("--port", help="ZMQ port.")] = 5555,
     http_host: Annotated[str, typer.Option("--http-host", help="Interface for the HTTP admin server.")] = "0.0.0.0",

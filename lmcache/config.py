@@ -38,6 +38,7 @@ class EvictionPolicy(str, enum.Enum):
     S3FIFO = "S3FIFO"
     ARC = "ARC"
     ARC_LONG = "ARC-LONG"
+    LONG_2Q = "2Q-LONG"
 
 
 class LogLevel(str, enum.Enum):
@@ -60,7 +61,8 @@ def zmq_endpoint(host: str, port: int) -> str:
 class L2AdapterConfig:
     """One ``--l2-adapter`` JSON object: a tier under L1.
 
-    - ``{"type": "disk", "path": DIR, "max_gb": N}``: chunk files in a local directory.
+    - ``{"type": "disk", "path": DIR, "max_gb": N}``: chunk files in a local directory; its own
+      evictor is LRU unless ``"eviction_policy"`` names another (as ``--eviction-policy``).
     - ``{"type": "redis", "url": "redis://host:6379/0"}``: one Redis (or Valkey) server, shared
       by every lmcache server that names it; ``rediss://`` and ``unix://`` URLs too.
     - ``{"type": "redis-cluster", "nodes": ["host:7000", ...]}``: a Redis Cluster, from one or
@@ -78,6 +80,7 @@ class L2AdapterConfig:
     namespace: str = "default"
     connections: int = 8
     timeout_ms: float = 1000.0
+    eviction_policy: EvictionPolicy = EvictionPolicy.LRU  # the disk tier's own
 
     @property
     def max_bytes(self) -> int:
@@ -111,7 +114,13 @@ class L2AdapterConfig:
             raise ConfigError("l2_adapters", 'disk: needs "path", a directory')
         if isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or not 0 < max_gb <= MAX_L1_GB:
             raise ConfigError("l2_adapters", f'disk: "max_gb" must be a size in GiB greater than 0 (got {max_gb!r})')
-        config = cls("disk", path, float(max_gb))
+        name = spec.get("eviction_policy", EvictionPolicy.LRU.value)
+        try:
+            policy = EvictionPolicy(str(name).upper())
+        except ValueError:
+            raise ConfigError("l2_adapters", f'disk: "eviction_policy" must be one of '
+                                             f'{", ".join(p.value for p in EvictionPolicy)} (got {name!r})') from None
+        config = cls("disk", path, float(max_gb), eviction_policy=policy)
         config._check_disk()
         return config
 
@@ -145,7 +154,7 @@ class L2AdapterConfig:
     def as_dict(self) -> dict[str, Any]:
         """The flag's JSON again, without what the type does not use, and without a password."""
         if self.type == "disk":
-            return {"type": "disk", "path": self.path, "max_gb": self.max_gb}
+            return {"type": "disk", "path": self.path, "max_gb": self.max_gb, "eviction_policy": self.eviction_policy.value}
         where: dict[str, Any] = {"url": redacted_url(self.url)} if self.type == "redis" else {"nodes": list(self.nodes)}
         return {"type": self.type, **where, "namespace": self.namespace, "connections": self.connections,
                 "timeout_ms": self.timeout_ms}
@@ -168,7 +177,7 @@ class L2AdapterConfig:
 
 
 _L2_KEYS = {
-    "disk": {"type", "path", "max_gb"},
+    "disk": {"type", "path", "max_gb", "eviction_policy"},
     "redis": {"type", "url", "namespace", "connections", "timeout_ms"},
     "redis-cluster": {"type", "nodes", "url", "namespace", "connections", "timeout_ms"},
 }
@@ -204,7 +213,7 @@ class ServerConfig:
     port: int = 5555
     http_host: str = "0.0.0.0"
     http_port: int = 8080
-    eviction_policy: EvictionPolicy = EvictionPolicy.ARC_LONG  # best on real traces; see storage/eviction.py
+    eviction_policy: EvictionPolicy = EvictionPolicy.LONG_2Q  # best on real traces; see storage/eviction.py
     max_workers: int = 1
     chunk_size: int = 256
     log_level: LogLevel = LogLevel.INFO

@@ -56,7 +56,7 @@ class Options:
 
     requests: int = _option("--requests", 1000, "How many requests to play (a trace's first N).")
     l1_size_gb: float = _option("--l1-size-gb", 1.0, "L1 size of the server the simulator starts.")
-    eviction_policy: str = _option("--eviction-policy", EvictionPolicy.ARC_LONG.value,
+    eviction_policy: str = _option("--eviction-policy", EvictionPolicy.LONG_2Q.value,
                                    "Eviction policy of that server (sweep: a comma-separated list).")
     chunk_size: int = _option("--chunk-size", 256, "Chunk size of that server.")
     l2_adapter: list[str] | None = _option("--l2-adapter", None, "An L2 tier for the server the simulator starts "
@@ -311,12 +311,15 @@ def _policies(text: str) -> list[EvictionPolicy]:
                    "--eviction-policy") from None
 
 
+ALL_POLICIES = ",".join(p.value for p in EvictionPolicy)
+
+
 @app.command()
 @shared_options(only=("requests", "chunk_size", "model_shape", "report"))
 def bound(
     trace: Trace,
     l1_size_gb: Annotated[str, typer.Option("--l1-size-gb", help="Comma-separated L1 sizes in GB.")] = "0.01,0.03,0.1",
-    eviction_policy: Annotated[str, typer.Option("--eviction-policy", help="Comma-separated policies.")] = "LRU,S3FIFO,ARC,ARC-LONG",
+    eviction_policy: Annotated[str, typer.Option("--eviction-policy", help="Comma-separated policies.")] = ALL_POLICIES,
     skip: Annotated[int, typer.Option("--skip", help="Start after a trace's first N requests.")] = 0,
     *, opts: Options,
 ) -> None:

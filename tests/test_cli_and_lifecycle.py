@@ -114,7 +114,7 @@ def test_every_log_line_has_the_spec_form_then_a_timestamp() -> None:
         assert re.fullmatch(r"LMCache INFO: L1 resident: \d+ MiB in [\d.]+ seconds" + STAMP, resident), resident
         start = server.wait_for_line("Starting LMCache server")
         # Readable: words, not a Python dict.
-        assert "L1 0.1 GiB (ARC-LONG eviction)" in start and f"ZMQ on 127.0.0.1:{server.port}" in start and "{" not in start
+        assert "L1 0.1 GiB (2Q-LONG eviction)" in start and f"ZMQ on 127.0.0.1:{server.port}" in start and "{" not in start
     assert all(re.match(r"LMCache (DEBUG|INFO|WARNING|ERROR|CRITICAL): ", line) and re.search(STAMP, line)
                for line in server.lines), server.output()
 

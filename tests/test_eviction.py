@@ -1,7 +1,8 @@
-"""Eviction policies (LRU, S3-FIFO, ARC): each on its own under 100k random operations with its
+"""Eviction policies (LRU, S3-FIFO, ARC, ARC-LONG, 2Q-LONG): each on its own under 100k random operations with its
 invariants checked, and each inside a real L1Cache over a real pool: locked chunks are never
 victims, a prompt's tail goes before its prefix, clear() forgets everything, and the policy's
-own point (S3-FIFO: chunks stored once leave first; ARC: a re-stored chunk's ghost counts).
+own point (S3-FIFO: chunks stored once leave first; ARC: a re-stored chunk's ghost counts; 2Q-LONG:
+a chunk that came back outlives a flood, and a protected one unused for long gets a probation).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Hashable
 import pytest
 
 from lmcache.config import ConfigError, EvictionPolicy, ServerConfig
-from lmcache.storage.eviction import POLICIES, ARCPolicy, S3FIFOPolicy
+from lmcache.storage.eviction import POLICIES, ARCPolicy, Long2QPolicy, S3FIFOPolicy
 from lmcache.storage.l1 import L1Cache
 from test_l1 import OBJ, SCOPE, Clock, hashes, look, store
 
@@ -158,7 +159,67 @@ def test_s3fifo_sends_a_chunk_stored_again_from_the_ghost_to_main() -> None:
     policy.check()
 
 
-@pytest.mark.parametrize("value", ["s3fifo", "ARC", "lru", "arc-long"])
+def test_2q_long_protects_chunks_that_came_back_or_were_read_from_a_flood_of_new_ones() -> None:
+    policy = Long2QPolicy(lambda item: item.key)  # type: ignore[attr-defined]
+    first = Item(0)
+    policy.add(first)
+    assert policy.victim() is first
+    policy.forget(first, evicted=True)
+    others = [Item(k) for k in range(1, 31)]
+    for item in others:
+        policy.add(item)
+    for item in others[:20]:  # probation is a FIFO
+        assert policy.victim() is item
+        policy.forget(item, evicted=True)
+    again = Item(0)
+    policy.add(again)  # its key is in the ghost list: it came back, so it is protected
+    read = others[-1]
+    policy.remove(read)  # a retrieve locks ...
+    policy.add(read)  # ... and releases: used while on probation, so protected too
+    for key in range(100, 300):  # a flood of chunks stored once and never read
+        policy.add(Item(key))
+        victim = policy.victim()
+        assert victim is not again and victim is not read
+        policy.forget(victim, evicted=True)
+        policy.check()
+
+
+def test_2q_long_steers_its_probation_by_near_misses_only() -> None:
+    policy = Long2QPolicy(lambda item: item.key)  # type: ignore[attr-defined]
+    items = [Item(k) for k in range(100)]
+    for item in items:
+        policy.add(item)
+    floor = policy._clamped(100)  # the minimum share: 10 items
+    assert floor == pytest.approx(10)
+    victim = policy.victim()
+    policy.forget(victim, evicted=True)
+    policy.add(Item(victim.key))  # type: ignore[attr-defined]  # back at once: a bigger P would have kept it
+    assert policy._clamped(100) == pytest.approx(floor + 1)
+    for _ in range(50):  # 50 evictions ...
+        policy.forget(policy.victim(), evicted=True)
+    far = next(reversed(policy._ghost))
+    for _ in range(40):
+        policy.forget(policy.victim(), evicted=True)
+    policy.add(Item(far))  # ... then back after 40 more: far beyond P's size, no steer
+    assert policy._clamped(100) == pytest.approx(floor + 1)
+    policy.check()
+
+
+def test_2q_long_demotes_the_least_recent_protected_chunk_to_a_last_probation() -> None:
+    policy = Long2QPolicy(lambda item: item.key)  # type: ignore[attr-defined]
+    old, recent = Item(1), Item(2)
+    for item in (old, recent):  # both used once: protected, old the least recent
+        policy.add(item)
+        policy.remove(item)
+        policy.add(item)
+    assert policy.victim() is old  # probation was empty: old was demoted to it, and is next
+    policy.remove(old)  # ... but it is read before it goes:
+    policy.add(old)  # protected again, now the most recent
+    assert policy.victim() is recent
+    policy.check()
+
+
+@pytest.mark.parametrize("value", ["s3fifo", "ARC", "lru", "arc-long", "2q-long"])
 def test_the_flag_takes_every_policy_in_any_case(value: str) -> None:
     assert ServerConfig(l1_size_gb=0.01, eviction_policy=value).eviction_policy.value == value.upper()
 

@@ -25,7 +25,7 @@ def test_status_reports_capacity_engines_sessions_and_config(http: httpx.Client,
     assert body["server"]["state"] == "ready"
     assert body["l1"]["capacity_bytes"] == int(0.25 * (1 << 30))
     assert body["l1"]["used_bytes"] + body["l1"]["free_bytes"] == body["l1"]["capacity_bytes"]
-    assert body["l1"]["eviction_policy"] == "ARC-LONG"  # the default
+    assert body["l1"]["eviction_policy"] == "2Q-LONG"  # the default
     assert body["engines"] == []
     assert body["sessions"] == {"active": 0}
     assert body["config"]["port"] == server.port

@@ -3,7 +3,8 @@
 What it must show: write-through (every stored chunk lands on disk with a valid header), warm
 restarts after SIGTERM and SIGKILL that serve the same bytes, damaged files that are misses and
 never wrong bytes, a full disk that stops writes and keeps reads, a full write queue that never
-holds up a Store, and flags that are refused in one line.
+holds up a Store, the tier's own eviction policy (any of L1's), and flags that are refused in one
+line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 from lmcache.client import MPClient
+from lmcache.config import EvictionPolicy
 from lmcache.keys import CacheScope, prompt_hashes, split_hashes
 from lmcache.kv_transfer import register_kv_caches
 from lmcache.server.process import ServerProcess, lmcache_command
@@ -52,8 +54,9 @@ def _chunk_files(root: Path) -> list[Path]:
 # --- the disk tier on its own ---------------------------------------------------------------
 
 
-def _tier_with(tmp_path: Path, n: int = 3, max_bytes: int = 1 << 20) -> tuple[DiskTier, list[bytes]]:
-    tier = DiskTier(tmp_path, max_bytes)
+def _tier_with(tmp_path: Path, n: int = 3, max_bytes: int = 1 << 20,
+               policy: EvictionPolicy = EvictionPolicy.LRU) -> tuple[DiskTier, list[bytes]]:
+    tier = DiskTier(tmp_path, max_bytes, policy)
     key = chunk_file.scope_id(SCOPE)
     hashes = [bytes([i]) * 16 for i in range(n)]
     for i, h in enumerate(hashes):
@@ -175,6 +178,40 @@ def test_the_tier_evicts_its_least_recently_used_chunks_when_full(tmp_path: Path
     assert tier.status()["used_bytes"] == 3 * one
 
 
+@pytest.mark.parametrize("policy", list(EvictionPolicy))
+def test_every_policy_keeps_the_tier_within_its_size_with_exact_bytes_and_accounting(tmp_path: Path, policy) -> None:
+    one = 4096 + HEADER_BYTES
+    tier, _ = _tier_with(tmp_path, n=0, max_bytes=8 * one, policy=policy)
+    key = chunk_file.scope_id(SCOPE)
+    rng = random.Random(3)
+    for i in range(200):
+        h = bytes([i % 50]) * 16  # keys come back after eviction
+        if rng.random() < 0.5:
+            tier.put(SCOPE, key, h, CHUNK, memoryview(_payload(i % 50)))
+        got = _get(tier, SCOPE, h)
+        assert got in (None, _payload(i % 50))
+        files = _chunk_files(tmp_path)
+        assert len(files) == tier.status()["objects"] <= 8
+        assert tier.status()["used_bytes"] == sum(f.stat().st_size for f in files) == len(files) * one
+    assert tier.status()["eviction_policy"] == policy.value
+    tier.close()
+    again = DiskTier(tmp_path, 8 * one, policy)  # a restart hands the policy what is on disk
+    assert again.status()["objects"] == len(_chunk_files(tmp_path))
+    assert again.put(SCOPE, key, b"\xee" * 16, CHUNK, memoryview(_payload(99)))
+    assert len(_chunk_files(tmp_path)) <= 8
+
+
+def test_a_2q_long_tier_keeps_a_chunk_that_was_read_through_a_flood(tmp_path: Path) -> None:
+    one = 4096 + HEADER_BYTES
+    tier, hashes = _tier_with(tmp_path, n=1, max_bytes=20 * one, policy=EvictionPolicy.LONG_2Q)
+    assert _get(tier, SCOPE, hashes[0]) == _payload(0)  # read once: protected
+    key = chunk_file.scope_id(SCOPE)
+    for i in range(100):  # chunks written once and never read
+        assert tier.put(SCOPE, key, (1000 + i).to_bytes(16, "big"), CHUNK, memoryview(_payload(i)))
+    assert _get(tier, SCOPE, hashes[0]) == _payload(0)  # LRU would have dropped it long ago
+    assert tier.counters.evictions == 81
+
+
 _FULL_DISK = """
 import resource, signal, sys
 from lmcache.keys import CacheScope
@@ -220,6 +257,7 @@ def test_a_full_disk_stops_writes_and_keeps_reads(tmp_path: Path) -> None:
         ('{"type": "disk", "path": "TMP", "max_gb": 0}', '"max_gb" must be a size'),
         ('{"type": "disk", "path": "TMP", "max_gb": 100000}', "more than the filesystem"),
         ('{"type": "disk", "path": "TMP", "max_gb": 1, "size": 3}', "unknown key(s) size"),
+        ('{"type": "disk", "path": "TMP", "max_gb": 1, "eviction_policy": "MRU"}', '"eviction_policy" must be one of'),
     ],
 )
 def test_a_bad_l2_adapter_is_refused_in_one_line(tmp_path: Path, value: str, text: str) -> None:

@@ -258,9 +258,121 @@ class LongARCPolicy(ARCPolicy):
     GHOSTS = 2
 
 
+class Long2QPolicy:
+    """Probation, protection and a long memory (ours; after 2Q, Johnson and Shasha, VLDB 1994).
+
+    A new chunk enters probation P, a FIFO. A chunk used while in P, or stored again while its
+    key is in the ghost list G, is protected: it moves to the LRU list M. M's least recently
+    used chunk is not evicted but demoted to P's newest end when P is below its target size,
+    so it gets one more probation to be used. Every evicted chunk leaves its key in G, which
+    remembers three times as many keys as L1 holds chunks.
+
+    Why this shape, for prefix chains: on the Mooncake traces a chunk's second use comes 100
+    to 800 requests after its first, later than a small L1 keeps anything, and which chunks
+    will come back cannot be told in advance. So it pays to spend little on unproven chunks (a
+    short probation) and most on proven ones (a chunk that came back once is likely to come
+    back again: a conversation's next turn, a document asked about again), and to remember
+    evicted keys long enough that a second use, though missed, still proves the chunk.
+
+    P's target adapts as in ARC, but only to near misses: a key returning from G moves the
+    target one slot toward the list that would have kept it with about twice its size (an
+    unproven key evicted within P's size of evictions ago: P grows; a proven one within M's
+    size: P shrinks), between 10% and 90% of the objects. ARC moves on every ghost hit; with a
+    ghost this long, most returns come far later than a somewhat bigger list would keep
+    anything, and would steer it the wrong way.
+
+    A locked item leaves its list; released, it was used, and goes to M's most recent end.
+    """
+
+    MIN_PROBATION = 0.1  # P's target, as a share of the objects
+    MAX_PROBATION = 0.9
+    GHOSTS = 3  # G remembers this many times the keys the cache holds
+    _NEW, _PROTECTED, _DEMOTED = 0, 1, 2  # an item's state (in P, in M, in P after M)
+
+    def __init__(self, key_of: KeyOf = _identity) -> None:
+        self._key_of = key_of
+        self._probation: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
+        self._protected: OrderedDict[Hashable, None] = OrderedDict()  # least recent first
+        # key of an evicted item -> 2 * the eviction's number, + 1 if it had been protected
+        # (an int, not a tuple: nothing for the garbage collector to track)
+        self._ghost: OrderedDict[Hashable, int] = OrderedDict()  # oldest first
+        self._state: dict[Hashable, int] = {}  # every item, also a locked one
+        self._evictions = 0
+        self._target = 0.0  # P's target size in items (clamped to its shares when used)
+
+    def add(self, item: Hashable) -> None:
+        if item in self._probation or item in self._protected:
+            return
+        if item not in self._state:
+            ghost = self._ghost.pop(self._key_of(item), None)
+            if ghost is None:
+                self._state[item] = self._NEW
+                self._probation[item] = None
+                return
+            self._steer(ghost >> 1, bool(ghost & 1))
+        self._state[item] = self._PROTECTED  # it came back, or was used (released after a use)
+        self._protected[item] = None
+
+    def _steer(self, evicted_at: int, was_protected: bool) -> None:
+        since = self._evictions - evicted_at
+        size = len(self._state) + 1
+        target = self._clamped(size)
+        if was_protected and since <= size - target:
+            self._target = target - 1
+        elif not was_protected and since <= target:
+            self._target = target + 1
+
+    def _clamped(self, size: int) -> float:
+        return min(max(self._target, self.MIN_PROBATION * size), self.MAX_PROBATION * size)
+
+    def remove(self, item: Hashable) -> None:
+        self._probation.pop(item, None)
+        self._protected.pop(item, None)
+
+    def forget(self, item: Hashable, evicted: bool = False) -> None:
+        state = self._state.pop(item, None)
+        if state is None:
+            return
+        (self._protected if state == self._PROTECTED else self._probation).pop(item, None)
+        if evicted:
+            self._evictions += 1
+            # Never there already: a stored item's key left G when it was added.
+            self._ghost[self._key_of(item)] = 2 * self._evictions + (state != self._NEW)
+        while len(self._ghost) > self.GHOSTS * (len(self._state) + 1):
+            self._ghost.popitem(last=False)
+
+    def victim(self) -> Hashable | None:
+        target = self._clamped(len(self._state))
+        while self._protected and len(self._probation) < target:
+            item, _ = self._protected.popitem(last=False)  # demoted: one more probation
+            self._state[item] = self._DEMOTED
+            self._probation[item] = None
+        if self._probation:
+            return next(iter(self._probation))
+        return next(iter(self._protected), None)
+
+    def clear(self) -> None:
+        for part in (self._probation, self._protected, self._ghost, self._state):
+            part.clear()
+        self._evictions = 0
+        self._target = 0.0
+
+    def __len__(self) -> int:
+        return len(self._probation) + len(self._protected)
+
+    def check(self) -> None:
+        """Invariants (tests): every evictable item in exactly one list, ghosts bounded."""
+        assert not set(self._probation) & set(self._protected)
+        assert all(self._state[i] != self._PROTECTED for i in self._probation)
+        assert all(self._state[i] == self._PROTECTED for i in self._protected)
+        assert len(self._ghost) <= self.GHOSTS * (len(self._state) + 1)
+        assert all(n >> 1 <= self._evictions for n in self._ghost.values())
+
+
 POLICIES: dict[EvictionPolicy, Callable[[KeyOf], Policy]] = {
     EvictionPolicy.LRU: LRUPolicy,
     EvictionPolicy.S3FIFO: S3FIFOPolicy,
     EvictionPolicy.ARC: ARCPolicy,
     EvictionPolicy.ARC_LONG: LongARCPolicy,
+    EvictionPolicy.LONG_2Q: Long2QPolicy,
 }

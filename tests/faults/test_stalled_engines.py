@@ -88,7 +88,7 @@ def _dies_while_registering(port: int, mode: str) -> None:
 @pytest.fixture
 def server() -> Iterator[ServerProcess]:
     # About 1 MiB of L1: 4 KiB chunks, so a few hundred stores recycle every slot. LRU: a flood of
-    # new chunks must push out chunks that were read (the default ARC-LONG rightly keeps those).
+    # new chunks must push out chunks that were read (the default 2Q-LONG rightly keeps those).
     with ServerProcess(l1_size_gb=1 / 1024,
                        extra_args=["--chunk-size", str(CHUNK), "--lock-ttl", TTL, "--eviction-policy", "LRU"]) as proc:
         yield proc

@@ -6,9 +6,11 @@ chunks live in different scope directories and carry their scope in every header
 
 Writes go to a temporary file that is renamed into place, so a reader never sees half a chunk;
 there is no fsync per chunk: a crash may lose the latest chunks or leave a torn file, which its
-checksum turns into a miss. The index (which chunks exist, their sizes, least recently used
-first) is rebuilt at start from the directory listing alone, without reading payloads, and the
-temporary files of a crash are removed then.
+checksum turns into a miss. The index (which chunks exist, and their sizes) is rebuilt at start
+from the directory listing alone, without reading payloads, and the temporary files of a crash
+are removed then. What goes when the tier is full is its own eviction policy's choice (the same
+classes as L1's; LRU unless the adapter names another): a chunk read, or written again after it
+left L1, counts as used. A restart hands the policy the files oldest first.
 
 Bytes move between the file and L1 memory with ``os.pwritev`` / ``os.preadv`` on memoryviews of
 the pool: no extra copy, and no GIL held while the kernel copies.
@@ -25,14 +27,15 @@ import secrets
 import shutil
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from lmcache.config import EvictionPolicy
 from lmcache.keys import CacheScope
 from lmcache.log import init_logger
+from lmcache.storage.eviction import POLICIES
 from lmcache.storage.l2 import chunk_file
 from lmcache.storage.l2.chunk_file import HEADER_BYTES, BadChunk
 from lmcache.storage.l2.tier import Outgoing
@@ -68,14 +71,16 @@ class TierCounters:
 class DiskTier:
     kind = "disk"
 
-    def __init__(self, path: str | Path, max_bytes: int) -> None:
+    def __init__(self, path: str | Path, max_bytes: int, eviction_policy: EvictionPolicy = EvictionPolicy.LRU) -> None:
         self.path = Path(path)
         self.root = self.path / ROOT_NAME
         self.max_bytes = max_bytes
         self.state = TierState.OK
         self.counters = TierCounters()
         self._lock = threading.Lock()
-        self._index: OrderedDict[Key, int] = OrderedDict()  # -> file bytes; least recently used first
+        self._index: dict[Key, int] = {}  # -> file bytes
+        self.eviction_policy = eviction_policy
+        self._policy = POLICIES[eviction_policy](lambda key: key)  # holds the keys of the indexed chunks
         self._used = 0
         self._scopes: set[bytes] = set()  # scope directories known to exist
         self._generation = 0  # bumped by clear(): a write begun before it is not indexed
@@ -120,6 +125,7 @@ class DiskTier:
         found.sort(key=lambda f: f[0])
         for _, key, size in found:
             self._index[key] = size
+            self._policy.add(key)
             self._used += size
         logger.info("L2 disk tier %s: %d chunks (%.2f GB) found, %d partial files removed",
                     self.path, len(self._index), self._used / 1e9, removed)
@@ -157,7 +163,7 @@ class DiskTier:
         size = HEADER_BYTES + len(payload)
         with self._lock:
             if key in self._index:
-                self._index.move_to_end(key)
+                self._used_again(key)
                 return True
             if not self.writable or size > self.max_bytes:
                 return False
@@ -193,7 +199,12 @@ class DiskTier:
             if not named:
                 self._used -= size
                 return False
+            if key in self._index:  # another writer of the same chunk came first: one file, counted once
+                self._used -= size
+                self._used_again(key)
+                return True
             self._index[key] = size
+            self._policy.add(key)
             self.counters.written_chunks += 1
             self.counters.written_bytes += size
         return True
@@ -207,12 +218,22 @@ class DiskTier:
             logger.warning("L2 disk tier %s: a write failed (%s)", self.path, e)
 
     def _make_room(self, size: int) -> None:
-        """Evicts least recently used chunks until ``size`` more bytes fit (lock held)."""
-        while self._index and self._used + size > self.max_bytes:
-            (scope, chunk_hash), old = self._index.popitem(last=False)
-            self._used -= old
+        """Evicts the policy's victims until ``size`` more bytes fit (lock held). Writes still
+        under way are not in the policy yet: their bytes are reserved, never evicted."""
+        while self._used + size > self.max_bytes:
+            victim = self._policy.victim()
+            if victim is None:
+                return
+            key = cast(Key, victim)
+            self._policy.forget(key, evicted=True)
+            self._used -= self._index.pop(key)
             self.counters.evictions += 1
-            _unlink(self._file(scope, chunk_hash))
+            _unlink(self._file(*key))
+
+    def _used_again(self, key: Key) -> None:
+        """A read, or a write of a chunk it holds: a use, for the policy (lock held)."""
+        self._policy.remove(key)
+        self._policy.add(key)
 
     def _ensure_scope(self, scope: CacheScope, scope_key: bytes) -> None:
         if scope_key in self._scopes:
@@ -254,7 +275,7 @@ class DiskTier:
             os.close(fd)
         with self._lock:
             if key in self._index:
-                self._index.move_to_end(key)
+                self._used_again(key)
             self.counters.read_chunks += 1
             self.counters.read_bytes += HEADER_BYTES + len(into)
         return True
@@ -289,6 +310,7 @@ class DiskTier:
         with self._lock:
             dropped = len(self._index)
             self._index.clear()
+            self._policy.clear()
             self._used = 0
             self._scopes.clear()
             self._generation += 1
@@ -314,6 +336,7 @@ class DiskTier:
             "capacity_bytes": self.max_bytes,
             "used_bytes": self._used,
             "objects": len(self._index),
+            "eviction_policy": self.eviction_policy.value,
             "state": self.state.value,
             **asdict(self.counters),
         }
@@ -322,6 +345,7 @@ class DiskTier:
         with self._lock:
             size = self._index.pop(key, None)
             if size is not None:
+                self._policy.forget(key)
                 self._used -= size
 
     def _file(self, scope_key: bytes, chunk_hash: bytes) -> Path:

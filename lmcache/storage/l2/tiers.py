@@ -18,7 +18,7 @@ def open_tiers(adapters: Sequence[L2AdapterConfig], lookup_timeout_s: float) -> 
             if a.type == "disk":
                 from lmcache.storage.l2.disk import DiskTier
 
-                tiers.append(DiskTier(a.path, a.max_bytes))
+                tiers.append(DiskTier(a.path, a.max_bytes, a.eviction_policy))
             else:
                 from lmcache.storage.l2.redis_tier import RedisTier  # imports redis-py only when used
 
