@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,6 +200,63 @@ def test_every_policy_keeps_the_tier_within_its_size_with_exact_bytes_and_accoun
     assert again.status()["objects"] == len(_chunk_files(tmp_path))
     assert again.put(SCOPE, key, b"\xee" * 16, CHUNK, memoryview(_payload(99)))
     assert len(_chunk_files(tmp_path)) <= 8
+
+
+@pytest.mark.parametrize("policy", [EvictionPolicy.LRU, EvictionPolicy.LONG_2Q])
+def test_concurrent_writers_readers_deletes_and_clears_keep_index_files_and_bytes_in_step(tmp_path: Path, policy) -> None:
+    one = 4096 + HEADER_BYTES
+    tier = DiskTier(tmp_path, 6 * one, policy)
+    key = chunk_file.scope_id(SCOPE)
+    failures: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(300):  # 12 keys, so writers of the same chunk meet, and evictions too
+                k = rng.randrange(12)
+                h = bytes([k]) * 16
+                r = rng.random()
+                if r < 0.5:
+                    tier.put(SCOPE, key, h, CHUNK, memoryview(_payload(k)))
+                elif r < 0.9:
+                    assert _get(tier, SCOPE, h) in (None, _payload(k))
+                elif r < 0.99:
+                    tier.delete(key, h)
+                else:
+                    tier.clear()
+        except BaseException as e:  # noqa: BLE001  # reported below, from the test's thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    on_disk = {(bytes.fromhex(p.parent.name), bytes.fromhex(p.stem)) for p in _chunk_files(tmp_path)}
+    indexed = {(key, h) for h in (bytes([k]) * 16 for k in range(12)) if tier.payload_bytes(key, h) is not None}
+    assert on_disk == indexed  # no entry without its file, no file without its entry
+    assert tier.status()["used_bytes"] == len(indexed) * one == sum(p.stat().st_size for p in _chunk_files(tmp_path))
+    assert tier.status()["objects"] == len(indexed) <= 6
+
+
+def test_names_and_unlinks_change_only_under_the_tiers_lock(tmp_path: Path, monkeypatch) -> None:
+    # Else an eviction could unlink a file between another writer's rename and its indexing,
+    # leaving an entry without its file (a hit that reads nothing) or a file without an entry.
+    import lmcache.storage.l2.disk as disk
+
+    one = 4096 + HEADER_BYTES
+    tier = DiskTier(tmp_path, 2 * one)
+    locked: list[tuple[str, bool]] = []
+    rename, unlink = os.rename, disk._unlink
+    monkeypatch.setattr(disk.os, "rename", lambda a, b: (locked.append(("rename", tier._lock.locked())), rename(a, b)))
+    monkeypatch.setattr(disk, "_unlink", lambda p: (locked.append(("unlink", tier._lock.locked())), unlink(p)))
+    key = chunk_file.scope_id(SCOPE)
+    for i in range(3):  # the third evicts the first
+        assert tier.put(SCOPE, key, bytes([i]) * 16, CHUNK, memoryview(_payload(i)))
+    tier.delete(key, bytes([2]) * 16)
+    assert ("rename", True) in locked and ("unlink", True) in locked
+    assert all(held for _, held in locked), locked
 
 
 def test_a_2q_long_tier_keeps_a_chunk_that_was_read_through_a_flood(tmp_path: Path) -> None:

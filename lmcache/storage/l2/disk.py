@@ -172,7 +172,7 @@ class DiskTier:
             generation = self._generation
         final = self._file(scope_key, chunk_hash)
         tmp = final.with_name(f"{final.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
-        named = False
+        written = named = False
         try:
             self._ensure_scope(scope, scope_key)
             header = chunk_file.pack(tokens, scope_key, chunk_hash, payload)
@@ -181,35 +181,40 @@ class DiskTier:
                 _write_all(fd, [header, payload])
             finally:
                 os.close(fd)
-            if still_valid():
-                os.rename(tmp, final)
-                named = True
+            written = still_valid()
         except OSError as e:
-            if e.errno == errno.ENOENT:  # the scope directory went (a clear): made again next time
-                self._scopes.discard(scope_key)
-            self._write_failed(e)
-        finally:
-            if not named:
-                _unlink(tmp)
+            self._write_failed(e, scope_key)
+        # The file gets its name under the lock, as the index changes with it: an eviction, a
+        # delete or a clear (each of which unlinks under the lock) never meets a file it did
+        # not index, and an indexed key always has its file.
         with self._lock:
+            try:
+                if written and self._generation == generation and key not in self._index:
+                    os.rename(tmp, final)
+                    named = True
+            except OSError as e:
+                self._write_failed(e, scope_key)
+            finally:
+                if not named:
+                    _unlink(tmp)
             if self._generation != generation:  # cleared meanwhile: neither indexed nor kept
-                if named:
-                    _unlink(final)
-                return False
-            if not named:
-                self._used -= size
                 return False
             if key in self._index:  # another writer of the same chunk came first: one file, counted once
                 self._used -= size
                 self._used_again(key)
                 return True
+            if not named:
+                self._used -= size
+                return False
             self._index[key] = size
             self._policy.add(key)
             self.counters.written_chunks += 1
             self.counters.written_bytes += size
         return True
 
-    def _write_failed(self, e: OSError) -> None:
+    def _write_failed(self, e: OSError, scope_key: bytes) -> None:
+        if e.errno == errno.ENOENT:  # the scope directory went (a clear): made again next time
+            self._scopes.discard(scope_key)
         self.counters.write_errors += 1
         if e.errno in _STOP_WRITES and self.state is TierState.OK:
             self.state = TierState.READ_ONLY
@@ -285,13 +290,16 @@ class DiskTier:
         header or checksum, a symlink, not a regular file) is deleted and counted; anything else
         (an I/O error) is a miss. Always False."""
         if isinstance(e, FileNotFoundError):
-            self._forget(key)
+            with self._lock:
+                if not os.path.lexists(path):  # not written again meanwhile (names change under the lock)
+                    self._forget(key)
             self.counters.misses += 1
         elif isinstance(e, BadChunk) or (isinstance(e, OSError) and e.errno == errno.ELOOP):
             self.counters.corrupt += 1
             logger.warning("L2 disk tier %s: %s is damaged (%s); deleted, counted as a miss", self.path, path.name, e)
-            self._forget(key)
-            _unlink(path)
+            with self._lock:  # the entry and the file go together (a rewrite meanwhile goes too: a miss)
+                self._forget(key)
+                _unlink(path)
         else:
             logger.warning("L2 disk tier %s: cannot read %s (%s)", self.path, path.name, e)
             self.counters.misses += 1
@@ -301,8 +309,9 @@ class DiskTier:
 
     def delete(self, scope_key: bytes, chunk_hash: bytes, damaged: bool = False) -> None:
         self.counters.corrupt += damaged
-        self._forget((scope_key, chunk_hash))
-        _unlink(self._file(scope_key, chunk_hash))
+        with self._lock:
+            self._forget((scope_key, chunk_hash))
+            _unlink(self._file(scope_key, chunk_hash))
 
     def clear(self) -> int:
         """Drops every chunk; a tier that had stopped taking writes takes them again."""
@@ -342,11 +351,11 @@ class DiskTier:
         }
 
     def _forget(self, key: Key) -> None:
-        with self._lock:
-            size = self._index.pop(key, None)
-            if size is not None:
-                self._policy.forget(key)
-                self._used -= size
+        """Drops a key from the index (lock held; its file is the caller's)."""
+        size = self._index.pop(key, None)
+        if size is not None:
+            self._policy.forget(key)
+            self._used -= size
 
     def _file(self, scope_key: bytes, chunk_hash: bytes) -> Path:
         return self.root / scope_key.hex() / f"{chunk_hash.hex()}{SUFFIX}"
