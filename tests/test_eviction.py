@@ -13,7 +13,7 @@ from collections.abc import Hashable
 import pytest
 
 from lmcache.config import ConfigError, EvictionPolicy, ServerConfig
-from lmcache.storage.eviction import POLICIES, ARCPolicy, Long2QPolicy, S3FIFOPolicy
+from lmcache.storage.eviction import POLICIES, ARCPolicy, Long2QPolicy, Policy, S3FIFOPolicy
 from lmcache.storage.l1 import L1Cache
 from test_l1 import OBJ, SCOPE, Clock, hashes, look, store
 
@@ -146,12 +146,17 @@ def test_arc_remembers_an_evicted_chunk_and_keeps_it_when_it_returns() -> None:
     policy.check()
 
 
-def test_s3fifo_sends_a_chunk_stored_again_from_the_ghost_to_main() -> None:
-    policy = S3FIFOPolicy(lambda item: item.key)  # type: ignore[attr-defined]
-    first = Item(1)
+def stored_and_evicted(policy: Policy, key: int) -> None:
+    """A chunk stored into an empty policy and evicted at once: its key is in the ghost list."""
+    first = Item(key)
     policy.add(first)
     assert policy.victim() is first
     policy.forget(first, evicted=True)
+
+
+def test_s3fifo_sends_a_chunk_stored_again_from_the_ghost_to_main() -> None:
+    policy = S3FIFOPolicy(lambda item: item.key)  # type: ignore[attr-defined]
+    stored_and_evicted(policy, 1)
     again, fresh = Item(1), Item(2)
     policy.add(again)
     policy.add(fresh)
@@ -161,10 +166,7 @@ def test_s3fifo_sends_a_chunk_stored_again_from_the_ghost_to_main() -> None:
 
 def test_2q_long_protects_chunks_that_came_back_or_were_read_from_a_flood_of_new_ones() -> None:
     policy = Long2QPolicy(lambda item: item.key)  # type: ignore[attr-defined]
-    first = Item(0)
-    policy.add(first)
-    assert policy.victim() is first
-    policy.forget(first, evicted=True)
+    stored_and_evicted(policy, 0)
     others = [Item(k) for k in range(1, 31)]
     for item in others:
         policy.add(item)
