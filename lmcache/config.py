@@ -114,12 +114,10 @@ class L2AdapterConfig:
             raise ConfigError("l2_adapters", 'disk: needs "path", a directory')
         if isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or not 0 < max_gb <= MAX_L1_GB:
             raise ConfigError("l2_adapters", f'disk: "max_gb" must be a size in GiB greater than 0 (got {max_gb!r})')
-        name = spec.get("eviction_policy", EvictionPolicy.LRU.value)
         try:
-            policy = EvictionPolicy(str(name).upper())
-        except ValueError:
-            raise ConfigError("l2_adapters", f'disk: "eviction_policy" must be one of '
-                                             f'{", ".join(p.value for p in EvictionPolicy)} (got {name!r})') from None
+            policy = _enum(EvictionPolicy, "l2_adapters", spec.get("eviction_policy", EvictionPolicy.LRU))
+        except ConfigError as e:
+            raise ConfigError("l2_adapters", f'disk: "eviction_policy" {e.message}') from None
         config = cls("disk", path, float(max_gb), eviction_policy=policy)
         config._check_disk()
         return config
