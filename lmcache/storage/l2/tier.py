@@ -29,6 +29,12 @@ class Outgoing:
     still_valid: Callable[[], bool]
 
 
+class TierClearError(Exception):
+    """A tier could not make sure its chunks are gone (unreachable, files it could not delete).
+    Never swallowed: clearing is how operators drop KV that must not be served again (new
+    weights under the same model name), so a clear that failed must say so."""
+
+
 class Tier(Protocol):
     kind: str  # "disk", "redis", "redis-cluster"
 
@@ -65,7 +71,8 @@ class Tier(Protocol):
         ...
 
     def clear(self) -> int:
-        """Drops every chunk; returns how many."""
+        """Drops every chunk; returns how many. Raises TierClearError, naming the cause, if any
+        chunk may still be readable afterwards (by this server or, after a restart, by any)."""
         ...
 
     def status(self) -> dict[str, Any]:
