@@ -149,11 +149,15 @@ def test_a_chunk_of_another_scope_is_never_served(tmp_path: Path) -> None:
     src = next(p for p in _chunk_files(tmp_path) if p.name.startswith(hashes[0].hex()))
     other = tmp_path / ROOT_NAME / chunk_file.scope_id(OTHER).hex()
     other.mkdir()
-    (other / src.name).write_bytes(src.read_bytes())
+    copy = other / src.name
+    copy.write_bytes(src.read_bytes())
+    assert _get(tier, OTHER, hashes[0]) is None and tier.counters.corrupt == 1  # a read checks the header
+    assert not copy.exists()
+    copy.write_bytes(src.read_bytes())
     tier.close()
-    tier = DiskTier(tmp_path, 1 << 20)  # a restart finds it
-    assert tier.payload_bytes(chunk_file.scope_id(OTHER), hashes[0]) == 4096
-    assert _get(tier, OTHER, hashes[0]) is None and tier.counters.corrupt == 1
+    tier = DiskTier(tmp_path, 1 << 20)  # a restart checks it too: never indexed, deleted
+    assert tier.payload_bytes(chunk_file.scope_id(OTHER), hashes[0]) is None and not copy.exists()
+    assert tier.counters.corrupt == 1
     assert _get(tier, SCOPE, hashes[0]) == _payload(0)
 
 
@@ -166,6 +170,74 @@ def test_a_restart_rebuilds_the_index_and_removes_partial_files(tmp_path: Path) 
     tier = DiskTier(tmp_path, 1 << 20)
     assert sorted(p.name for p in scope_dir.iterdir()) == sorted([f"{h.hex()}.kv" for h in hashes] + ["scope.json"])
     assert [_get(tier, SCOPE, h) for h in hashes] == [_payload(i) for i in range(3)]
+
+
+def _sparse(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)  # takes no space
+
+
+def test_a_restart_indexes_only_files_whose_header_says_they_are_that_chunk(tmp_path: Path) -> None:
+    # A foreign file under a chunk's name is counted by nothing it claims: else one larger than
+    # the tier made the restart evict (delete) every valid chunk to make room for it.
+    one = 4096 + HEADER_BYTES
+    first, hashes = _tier_with(tmp_path, max_bytes=8 * one)
+    first.close()
+    folder = _chunk_files(tmp_path)[0].parent
+    src = folder / f"{hashes[0].hex()}.kv"
+    planted = {
+        "ff" * 16: lambda p: _sparse(p, 1 << 30),  # larger than the tier
+        "ee" * 16: lambda p: _sparse(p, 7 * one),  # fits, but zeros: no header
+        "dd" * 16: lambda p: p.write_bytes(src.read_bytes()),  # another chunk's header (hash 00..)
+        "cc" * 16: lambda p: p.write_bytes(chunk_file.pack(CHUNK, chunk_file.scope_id(SCOPE), b"\xcc" * 16,
+                                                       _payload(7)) + _payload(7) + bytes(5 * one)),  # longer than it says
+    }
+    for name, plant in planted.items():
+        plant(folder / f"{name}.kv")
+        os.utime(folder / f"{name}.kv")  # the newest: what an eviction by age keeps
+    tier = DiskTier(tmp_path, 8 * one)
+    assert tier.status()["objects"] == 3 and tier.status()["used_bytes"] == 3 * one
+    assert tier.counters.evictions == 0 and tier.counters.corrupt == len(planted)
+    assert sorted(p.name for p in _chunk_files(tmp_path)) == sorted(f"{h.hex()}.kv" for h in hashes)
+    assert [_get(tier, SCOPE, h) for h in hashes] == [_payload(i) for i in range(3)]
+
+
+def test_a_key_is_indexed_under_one_spelling_only(tmp_path: Path) -> None:
+    # bytes.fromhex also reads upper case and spaces: a second spelling of a key was indexed (and
+    # its bytes counted) twice, while reads and evictions use the lower-case name, for good.
+    import shutil
+
+    one = 4096 + HEADER_BYTES
+    first = DiskTier(tmp_path, 4 * one)
+    key = chunk_file.scope_id(SCOPE)
+    hashes = [bytes([0xa0 + i]) * 16 for i in range(3)]  # letters: an upper-case spelling differs
+    for i, h in enumerate(hashes):
+        assert first.put(SCOPE, key, h, CHUNK, memoryview(_payload(i)))
+    first.close()
+    folder = _chunk_files(tmp_path)[0].parent
+    for h in hashes:
+        shutil.copy(folder / f"{h.hex()}.kv", folder / f"{h.hex().upper()}.kv")
+    spaced = " ".join(hashes[0].hex()[i:i + 2] for i in range(0, 32, 2))
+    shutil.copy(folder / f"{hashes[0].hex()}.kv", folder / f"{spaced}.kv")
+    shutil.copytree(folder, folder.with_name(folder.name.upper()))  # the whole scope, other spelling
+    tier = DiskTier(tmp_path, 4 * one)
+    assert tier.status()["objects"] == 3 and tier.status()["used_bytes"] == 3 * one
+    assert sorted(p.name for p in folder.glob("*.kv")) == sorted(f"{h.hex()}.kv" for h in hashes)
+    assert [_get(tier, SCOPE, h) for h in hashes] == [_payload(i) for i in range(3)]
+    for i in range(10):  # the accounting stays exact through evictions
+        assert tier.put(SCOPE, key, (1000 + i).to_bytes(16, "big"), CHUNK, memoryview(_payload(i)))
+        on_disk = list(folder.glob("*.kv"))
+        assert tier.status()["used_bytes"] == sum(p.stat().st_size for p in on_disk) == len(on_disk) * one <= 4 * one
+
+
+def test_a_chunk_larger_than_the_tier_is_counted_and_logged_once(tmp_path: Path, caplog) -> None:
+    tier = DiskTier(tmp_path, 1000)  # smaller than one chunk
+    key = chunk_file.scope_id(SCOPE)
+    for i in range(3):
+        assert not tier.put(SCOPE, key, bytes([i]) * 16, CHUNK, memoryview(_payload(i)))
+    assert tier.status()["write_errors"] == 3 and tier.status()["objects"] == 0
+    told = [r for r in caplog.records if "larger than the whole tier" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelname == "WARNING"
 
 
 def test_the_tier_evicts_its_least_recently_used_chunks_when_full(tmp_path: Path) -> None:
@@ -238,6 +310,119 @@ def test_concurrent_writers_readers_deletes_and_clears_keep_index_files_and_byte
     assert on_disk == indexed  # no entry without its file, no file without its entry
     assert tier.status()["used_bytes"] == len(indexed) * one == sum(p.stat().st_size for p in _chunk_files(tmp_path))
     assert tier.status()["objects"] == len(indexed) <= 6
+
+
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+
+
+def _set_immutable(fd: int, on: bool) -> None:
+    import fcntl
+    import struct
+
+    flags = struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("l", 0)))[0]
+    fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("l", flags | _FS_IMMUTABLE_FL if on else flags & ~_FS_IMMUTABLE_FL))
+
+
+@pytest.fixture
+def freeze():
+    """Makes a directory's entries impossible to delete, add or rename (and a file impossible to
+    change): chmod for a user, the immutable flag for root (whom chmod does not stop). Undone at
+    the end through a descriptor (the tier may have renamed the path), so the directory can go."""
+    frozen: list[tuple[int, int]] = []
+
+    def apply(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        mode = os.fstat(fd).st_mode
+        try:
+            if os.geteuid() == 0:
+                _set_immutable(fd, True)
+            else:
+                os.fchmod(fd, 0o555 if path.is_dir() else 0o444)
+        except OSError as e:
+            os.close(fd)
+            pytest.skip(f"cannot make a file undeletable here ({e})")
+        frozen.append((fd, mode))
+
+    yield apply
+    for fd, mode in reversed(frozen):
+        if os.geteuid() == 0:
+            _set_immutable(fd, False)
+        else:
+            os.fchmod(fd, mode)
+        os.close(fd)
+
+
+def test_a_clear_that_leaves_chunk_files_says_so_and_serves_none(tmp_path: Path, freeze) -> None:
+    from lmcache.storage.l2.tier import TierClearError
+
+    tier, hashes = _tier_with(tmp_path)
+    key = chunk_file.scope_id(SCOPE)
+    folder = _chunk_files(tmp_path)[0].parent
+    freeze(tmp_path)  # the root cannot be renamed away ...
+    freeze(folder)  # ... nor its chunk files deleted
+    for f in folder.glob("*.kv"):
+        freeze(f)
+    with pytest.raises(TierClearError, match="3 chunk file"):
+        tier.clear()
+    assert len(_chunk_files(tmp_path)) == 3  # they are there ...
+    assert tier.status()["objects"] == 0 and not any(tier.may_hold(key, h) for h in hashes)  # ... and never served
+
+
+def test_a_clear_that_deletes_the_files_in_place_succeeds(tmp_path: Path, freeze) -> None:
+    tier, hashes = _tier_with(tmp_path)
+    freeze(tmp_path)  # the root cannot be renamed away, but its files can be deleted
+    assert tier.clear() == 3
+    assert _chunk_files(tmp_path) == [] and tier.status()["objects"] == tier.status()["used_bytes"] == 0
+    key = chunk_file.scope_id(SCOPE)
+    assert tier.put(SCOPE, key, hashes[0], CHUNK, memoryview(_payload(0)))  # the tier goes on
+    assert _get(tier, SCOPE, hashes[0]) == _payload(0)
+
+
+def test_a_cleared_root_that_cannot_be_deleted_is_never_indexed(tmp_path: Path, freeze, caplog) -> None:
+    tier, hashes = _tier_with(tmp_path)
+    freeze(_chunk_files(tmp_path)[0].parent)  # renamed away, then its files cannot be deleted
+    assert tier.clear() == 3  # what is left is out of the root: only disk space
+    assert any("could not be removed" in r.getMessage() for r in caplog.records)
+    assert tier.status()["objects"] == 0 and _chunk_files(tmp_path) == []
+    tier.close()
+    again = DiskTier(tmp_path, 1 << 20)  # a restart, the trash still there: not a chunk of it
+    assert again.status()["objects"] == 0 and list(tmp_path.glob(f".{ROOT_NAME}.cleared.*/*/*.kv"))
+    assert _get(again, SCOPE, hashes[0]) is None
+
+
+def test_a_directory_emptied_by_hand_is_written_again_with_exact_accounting(tmp_path: Path) -> None:
+    import shutil
+
+    tier, hashes = _tier_with(tmp_path)
+    for p in tmp_path.iterdir():  # rm -rf <path>/*: the chunks, and the .lock
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert tier.status()["objects"] == tier.status()["used_bytes"] == 0  # what went is not reported
+    key = chunk_file.scope_id(SCOPE)
+    assert tier.put(SCOPE, key, b"\x09" * 16, CHUNK, memoryview(_payload(9)))  # folders made again
+    assert _get(tier, SCOPE, b"\x09" * 16) == _payload(9) and len(_chunk_files(tmp_path)) == 1
+    assert tier.status()["objects"] == 1 and tier.status()["used_bytes"] == 4096 + HEADER_BYTES
+    assert tier.status()["state"] == "ok"
+    with pytest.raises(DirectoryInUse):  # its .lock was taken again
+        DiskTier(tmp_path, 1 << 20)
+    # A scope folder removed alone: its chunks are forgotten when a write finds it gone.
+    assert tier.put(SCOPE, key, hashes[0], CHUNK, memoryview(_payload(0)))
+    shutil.rmtree(_chunk_files(tmp_path)[0].parent)
+    assert tier.put(SCOPE, key, hashes[1], CHUNK, memoryview(_payload(1)))
+    assert tier.status()["objects"] == 1 and [p.name[:2] for p in _chunk_files(tmp_path)] == ["01"]
+    assert tier.status()["write_errors"] == 0
+
+
+def test_a_tier_whose_lock_another_server_took_stops_writing(tmp_path: Path, caplog) -> None:
+    tier, hashes = _tier_with(tmp_path)
+    (tmp_path / ".lock").unlink()
+    second = DiskTier(tmp_path, 1 << 20)  # the directory looks free: another server takes it
+    assert tier.status()["state"] == "lock_lost"
+    assert any(r.levelname == "WARNING" and "stops taking writes" in r.getMessage() for r in caplog.records)
+    key = chunk_file.scope_id(SCOPE)
+    assert not tier.put(SCOPE, key, b"\x09" * 16, CHUNK, memoryview(_payload(9)))
+    assert _get(tier, SCOPE, hashes[0]) == _payload(0)  # reads go on (each is checked)
+    second.close()
+    assert tier.status()["state"] == "lock_lost"  # for good: the other server may have changed the directory
 
 
 def test_names_and_unlinks_change_only_under_the_tiers_lock(tmp_path: Path, monkeypatch) -> None:

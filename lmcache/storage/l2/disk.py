@@ -7,13 +7,21 @@ chunks live in different scope directories and carry their scope in every header
 Writes go to a temporary file that is renamed into place, so a reader never sees half a chunk;
 there is no fsync per chunk: a crash may lose the latest chunks or leave a torn file, which its
 checksum turns into a miss. The index (which chunks exist, and their sizes) is rebuilt at start
-from the directory listing alone, without reading payloads, and the temporary files of a crash
-are removed then. What goes when the tier is full is its own eviction policy's choice (the same
-classes as L1's; LRU unless the adapter names another): a chunk read, or written again after it
-left L1, counts as used. A restart hands the policy the files oldest first.
+from the directory listing and each file's 80-byte header, without reading payloads: a file is
+indexed only under the one spelling of its key (lower-case hex) and only if its header says it is
+that chunk, of that size, and the tier could hold it; anything else under a chunk's name, and the
+temporary files of a crash, are removed then (a foreign file must never push out checked
+chunks). What goes when the tier is full is its own eviction policy's choice (the same classes as
+L1's; LRU unless the adapter names another): a chunk read, or written again after it left L1,
+counts as used. A restart hands the policy the files oldest first.
 
 Bytes move between the file and L1 memory with ``os.pwritev`` / ``os.preadv`` on memoryviews of
 the pool: no extra copy, and no GIL held while the kernel copies.
+
+The directory may change under the tier (emptied by hand while the server runs): a write that
+finds a folder gone makes the folders again and retries once, the chunks that went with a folder
+are forgotten, and the tier checks that ``.lock`` is still the file it holds (else it takes it
+again, or, if another server has it, stops writing).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from lmcache.log import init_logger
 from lmcache.storage.eviction import POLICIES
 from lmcache.storage.l2 import chunk_file
 from lmcache.storage.l2.chunk_file import HEADER_BYTES, BadChunk
-from lmcache.storage.l2.tier import Outgoing
+from lmcache.storage.l2.tier import Outgoing, TierClearError
 
 logger = init_logger(__name__)
 
@@ -54,6 +62,9 @@ Key = tuple[bytes, bytes]  # (scope digest, chunk hash)
 class TierState(str, enum.Enum):
     OK = "ok"
     READ_ONLY = "read_only"  # a write failed for lack of space or an I/O error: reads go on
+    # Its .lock was removed and another server holds the new one: that server owns the directory
+    # now (it may evict or overwrite our files), so this one writes nothing more until restarted.
+    LOCK_LOST = "lock_lost"
 
 
 @dataclass
@@ -65,7 +76,7 @@ class TierCounters:
     misses: int = 0
     corrupt: int = 0  # files that failed their header or checksum: deleted, never served
     evictions: int = 0
-    write_errors: int = 0
+    write_errors: int = 0  # I/O errors, and chunks larger than the whole tier (logged once)
 
 
 class DiskTier:
@@ -84,52 +95,75 @@ class DiskTier:
         self._used = 0
         self._scopes: set[bytes] = set()  # scope directories known to exist
         self._generation = 0  # bumped by clear(): a write begun before it is not indexed
+        self._told_too_large = False  # a chunk larger than the tier is logged once, not per chunk
         self.path.mkdir(parents=True, exist_ok=True)
         self._owner = _lock_directory(self.path)  # one server per directory
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob(f".{ROOT_NAME}.cleared.*"):  # a clear a crash interrupted
-            shutil.rmtree(stale, ignore_errors=True)
+        # Clears a crash (or a failed delete) left behind: outside the root, so never indexed.
+        for stale in self.path.glob(f".{ROOT_NAME}.cleared.*"):
+            self._remove_trash(stale)
         self._rebuild()
 
     # --- the index --------------------------------------------------------------------------
 
     def _rebuild(self) -> None:
         found: list[tuple[float, Key, int]] = []
-        removed = 0
+        partial = foreign = 0
         for scope_dir in os.scandir(self.root):
-            if not scope_dir.is_dir(follow_symlinks=False):
-                continue
-            try:
-                scope = bytes.fromhex(scope_dir.name)
-            except ValueError:
+            scope = _canonical_hex(scope_dir.name)
+            # Another spelling of a digest (upper case) is not where reads look: never indexed.
+            if scope is None or not scope_dir.is_dir(follow_symlinks=False):
                 continue
             self._scopes.add(scope)
             for entry in os.scandir(scope_dir.path):
                 name = entry.name
                 if name.endswith(TMP_SUFFIX):  # a write a crash interrupted
                     _unlink(entry.path)
-                    removed += 1
+                    partial += 1
                     continue
                 if not name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
                     continue
+                chunk_hash = _canonical_hex(name[: -len(SUFFIX)])
                 try:
-                    chunk_hash = bytes.fromhex(name[: -len(SUFFIX)])
-                    st = entry.stat(follow_symlinks=False)
-                except (ValueError, OSError):
+                    checked = None if chunk_hash is None else self._checked_file(entry.path, scope, chunk_hash)
+                except OSError:  # unreadable now: neither indexed nor deleted
                     continue
-                if len(chunk_hash) != 16 or st.st_size <= HEADER_BYTES:
+                if checked is None or chunk_hash is None:
                     _unlink(entry.path)
-                    removed += 1
+                    foreign += 1
                     continue
-                found.append((st.st_mtime, (scope, chunk_hash), st.st_size))
+                mtime, size = checked
+                found.append((mtime, (scope, chunk_hash), size))
         found.sort(key=lambda f: f[0])
         for _, key, size in found:
+            if key in self._index:  # cannot happen with one spelling per key; never count a key twice
+                continue
             self._index[key] = size
             self._policy.add(key)
             self._used += size
-        logger.info("L2 disk tier %s: %d chunks (%.2f GB) found, %d partial files removed",
-                    self.path, len(self._index), self._used / 1e9, removed)
+        self.counters.corrupt += foreign
+        logger.info("L2 disk tier %s: %d chunks (%.2f GB) found, %d partial and %d foreign or damaged files removed",
+                    self.path, len(self._index), self._used / 1e9, partial, foreign)
         self._make_room(0)
+
+    def _checked_file(self, path: str, scope: bytes, chunk_hash: bytes) -> tuple[float, int] | None:
+        """(mtime, size) of a chunk file whose header says it is this chunk, whose size is the
+        header's and which the tier could hold; None if it is not one (the caller deletes it).
+        One open and an 80-byte read per file: no payload is read (its checksum is checked when
+        it is served)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or not HEADER_BYTES < st.st_size <= self.max_bytes:
+                return None
+            header = chunk_file.unpack(os.pread(fd, HEADER_BYTES, 0))
+        except BadChunk:
+            return None
+        finally:
+            os.close(fd)
+        if (header.scope_id, header.chunk_hash) != (scope, chunk_hash) or HEADER_BYTES + header.payload_bytes != st.st_size:
+            return None
+        return st.st_mtime, st.st_size
 
     def payload_bytes(self, scope: bytes, chunk_hash: bytes) -> int | None:
         """The payload size of a chunk on disk, or None (no I/O: the index answers)."""
@@ -165,7 +199,10 @@ class DiskTier:
             if key in self._index:
                 self._used_again(key)
                 return True
-            if not self.writable or size > self.max_bytes:
+            if not self.writable:
+                return False
+            if size > self.max_bytes:
+                self._too_large(size)
                 return False
             self._make_room(size)
             self._used += size  # reserved now, so concurrent writers cannot overfill the tier
@@ -174,13 +211,13 @@ class DiskTier:
         tmp = final.with_name(f"{final.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
         written = named = False
         try:
-            self._ensure_scope(scope, scope_key)
             header = chunk_file.pack(tokens, scope_key, chunk_hash, payload)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, [header, payload])
-            finally:
-                os.close(fd)
+                self._write_file(scope, scope_key, tmp, [header, payload])
+            except FileNotFoundError:  # a folder went (a clear, or removed by hand): made again, once
+                if not self._check_directory(scope_key):
+                    raise
+                self._write_file(scope, scope_key, tmp, [header, payload])
             written = still_valid()
         except OSError as e:
             self._write_failed(e, scope_key)
@@ -198,6 +235,7 @@ class DiskTier:
                 if not named:
                     _unlink(tmp)
             if self._generation != generation:  # cleared meanwhile: neither indexed nor kept
+                self._used -= size  # (a clear leaves the bytes of writes under way reserved)
                 return False
             if key in self._index:  # another writer of the same chunk came first: one file, counted once
                 self._used -= size
@@ -211,6 +249,23 @@ class DiskTier:
             self.counters.written_chunks += 1
             self.counters.written_bytes += size
         return True
+
+    def _write_file(self, scope: CacheScope, scope_key: bytes, tmp: Path, buffers: list[Any]) -> None:
+        self._ensure_scope(scope, scope_key)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, buffers)
+        finally:
+            os.close(fd)
+
+    def _too_large(self, size: int) -> None:
+        """A chunk the whole tier cannot hold (lock held): counted each time, logged once, as
+        the next ones will be the same size (a tier configured smaller than one chunk)."""
+        self.counters.write_errors += 1
+        if not self._told_too_large:
+            self._told_too_large = True
+            logger.warning("L2 disk tier %s: a chunk of %d bytes is larger than the whole tier (%d bytes): "
+                           "such chunks are not written (counted in write_errors)", self.path, size, self.max_bytes)
 
     def _write_failed(self, e: OSError, scope_key: bytes) -> None:
         if e.errno == errno.ENOENT:  # the scope directory went (a clear): made again next time
@@ -244,7 +299,7 @@ class DiskTier:
         if scope_key in self._scopes:
             return
         folder = self.root / scope_key.hex()
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         about = {
             "model": scope.model, "world_size": scope.world_size, "rank": scope.rank,
             "page_format": scope.page_format,
@@ -293,6 +348,7 @@ class DiskTier:
             with self._lock:
                 if not os.path.lexists(path):  # not written again meanwhile (names change under the lock)
                     self._forget(key)
+            self._check_directory(key[0])  # the whole folder may have gone with it
             self.counters.misses += 1
         elif isinstance(e, BadChunk) or (isinstance(e, OSError) and e.errno == errno.ELOOP):
             self.counters.corrupt += 1
@@ -314,23 +370,44 @@ class DiskTier:
             _unlink(self._file(scope_key, chunk_hash))
 
     def clear(self) -> int:
-        """Drops every chunk; a tier that had stopped taking writes takes them again."""
-        trash = self.path / f".{ROOT_NAME}.cleared.{secrets.token_hex(4)}"
+        """Drops every chunk; a tier that had stopped taking writes takes them again. Raises
+        TierClearError if chunk files may survive (they would be indexed again at a restart)."""
+        trash: Path | None = self.path / f".{ROOT_NAME}.cleared.{secrets.token_hex(4)}"
         with self._lock:
             dropped = len(self._index)
-            self._index.clear()
-            self._policy.clear()
-            self._used = 0
+            for key in list(self._index):  # not a reset: the bytes of writes under way stay reserved
+                self._forget(key)
             self._scopes.clear()
             self._generation += 1
+            if not self._still_owner():
+                raise TierClearError(f"L2 disk tier {self.path}: its .lock is not its own any more (another server took it); "
+                                     "this server serves none of its chunks, but their files were left to that server")
             self.state = TierState.OK
             try:
-                os.rename(self.root, trash)  # at once; the files are deleted outside the lock
-            except OSError:
-                trash = self.root
+                os.rename(self.root, cast(Path, trash))  # at once; the files are deleted outside the lock
+            except OSError as e:
+                # Deleted in place, under the lock, so that no write is named meanwhile: the chunks
+                # that survive are what this clear could not do.
+                left = _remove_tree(self.root)
+                survivors = _chunk_files_in(self.root)
+                if survivors:
+                    raise TierClearError(
+                        f"L2 disk tier {self.path}: {len(survivors)} chunk file(s) could not be deleted "
+                        f"(renaming {self.root.name} away failed: {e}; then {left[0] if left else survivors[0]}); "
+                        "this server no longer serves them, but a restart would") from e
+                trash = None
             self.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(trash, ignore_errors=True)
+        if trash is not None:
+            self._remove_trash(trash)
         return dropped
+
+    def _remove_trash(self, trash: Path) -> None:
+        """Deletes a renamed-away root: what it holds is never indexed, so what cannot be deleted
+        is only disk space (logged; tried again at the next start)."""
+        left = _remove_tree(trash)
+        if left:
+            logger.warning("L2 disk tier %s: %s could not be removed (%s); its chunks are never served",
+                           self.path, trash, left[0])
 
     def close(self) -> None:
         """Gives the directory up (another server may take it from now on)."""
@@ -339,6 +416,13 @@ class DiskTier:
             self._owner = -1
 
     def status(self) -> dict[str, Any]:
+        # Cheap (three stats), and /status is not asked per chunk; skipped while a writer holds
+        # the lock (a stalled disk must not hold up /status): the next status checks.
+        if self._lock.acquire(blocking=False):
+            try:
+                self._check_directory_locked(None)
+            finally:
+                self._lock.release()
         return {
             "type": self.kind,
             "path": str(self.path),
@@ -349,6 +433,62 @@ class DiskTier:
             "state": self.state.value,
             **asdict(self.counters),
         }
+
+    def _check_directory(self, scope_key: bytes | None) -> bool:
+        with self._lock:
+            return self._check_directory_locked(scope_key)
+
+    def _check_directory_locked(self, scope_key: bytes | None) -> bool:
+        """After a folder was found missing (and on each status): forgets the chunks that went
+        with the root or ``scope_key``'s folder, makes the root again and checks the lock (lock
+        held). Whether the tier may write."""
+        if not self.root.is_dir():
+            gone = list(self._index)
+            self._scopes.clear()
+        elif scope_key is not None and not (self.root / scope_key.hex()).is_dir():
+            gone = [key for key in self._index if key[0] == scope_key]
+            self._scopes.discard(scope_key)
+        else:
+            gone = []
+        for key in gone:
+            self._forget(key)
+        if gone:
+            logger.warning("L2 disk tier %s: %d chunks went with their folder (removed by hand?); forgotten",
+                           self.path, len(gone))
+        if not self._still_owner():
+            return False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        return self.writable
+
+    def _still_owner(self) -> bool:
+        """Whether ``.lock`` is still the file this tier holds its flock on (lock held). If it was
+        removed, the tier takes a new one; if another server took it first, the tier stops
+        writing for good (two servers on one directory delete each other's files)."""
+        if self.state is TierState.LOCK_LOST:
+            return False
+        try:
+            held, now = os.fstat(self._owner), os.stat(self.path / ".lock", follow_symlinks=False)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return True
+        except FileNotFoundError:
+            pass
+        except OSError:  # cannot tell (closed, or the directory unreadable): nothing to act on
+            return True
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = _lock_directory(self.path)
+        except OSError as e:
+            self.state = TierState.LOCK_LOST
+            logger.warning("L2 disk tier %s stops taking writes: its .lock was removed and cannot be taken again (%s)",
+                           self.path, e)
+            return False
+        os.close(self._owner)
+        self._owner = fd
+        logger.warning("L2 disk tier %s: its .lock was removed; taken again", self.path)
+        return True
 
     def _forget(self, key: Key) -> None:
         """Drops a key from the index (lock held; its file is the caller's)."""
@@ -401,6 +541,47 @@ def _read_all(fd: int, into: memoryview, offset: int) -> int:
             break
         done += n
     return done
+
+
+def _canonical_hex(name: str) -> bytes | None:
+    """The 16 bytes a file or folder name stands for, if it is their one spelling (lower-case
+    hex, as ``bytes.hex`` writes it): ``bytes.fromhex`` also takes upper case and spaces, and a
+    second spelling of a key would be indexed twice while reads and deletes use the first."""
+    try:
+        raw = bytes.fromhex(name)
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 and raw.hex() == name else None
+
+
+def _remove_tree(path: Path) -> list[str]:
+    """Deletes ``path`` and what it holds; what could not be deleted, as messages."""
+    failures: list[str] = []
+
+    def failed(_func: Any, where: str, exc: Any) -> None:
+        failures.append(f"{where}: {exc[1]}")
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=failed)  # onexc is 3.12+
+    return failures
+
+
+def _chunk_files_in(root: Path) -> list[str]:
+    """The chunk files left under ``root``; a folder that cannot be listed counts as one."""
+    left: list[str] = []
+    try:
+        folders = list(os.scandir(root))
+    except FileNotFoundError:
+        return left
+    except OSError:
+        return [str(root)]
+    for folder in folders:
+        if folder.is_dir(follow_symlinks=False):
+            try:
+                left += [e.path for e in os.scandir(folder.path) if e.name.endswith(SUFFIX)]
+            except OSError:
+                left.append(folder.path)
+    return left
 
 
 def _unlink(path: str | Path) -> None:
