@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -162,6 +163,8 @@ class L2AdapterConfig:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise ConfigError("l2_adapters", f"disk: cannot create {self.path} ({e.strerror})") from None
+        except ValueError as e:  # a name no filesystem takes (a NUL byte)
+            raise ConfigError("l2_adapters", f"disk: {self.path!r} is not a usable path ({e})") from None
         if not os.path.isdir(self.path) or not os.access(self.path, os.W_OK | os.X_OK):
             raise ConfigError("l2_adapters", f"disk: {self.path} is not a writable directory")
         fs = os.statvfs(self.path)
@@ -250,6 +253,10 @@ class ServerConfig:
     default_quota_gb: float = 0.0
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # every number below is also checked for its range
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f.name, f"must be a finite number (got {value:g})")
         object.__setattr__(self, "host", strip_scheme(self.host))
         object.__setattr__(self, "eviction_policy", _enum(EvictionPolicy, "eviction_policy", self.eviction_policy))
         object.__setattr__(self, "log_level", _enum(LogLevel, "log_level", self.log_level))

@@ -41,6 +41,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (["--l1-size-gb", "1", "--chunk-size", "0"], "--chunk-size"),
         (["--l1-size-gb", "1", "--log-level", "loud"], "--log-level"),
         (["--l1-size-gb", "1", "--lock-ttl", "0"], "--lock-ttl"),
+        (["--l1-size-gb", "1", "--lock-ttl", "inf"], "--lock-ttl"),  # every number must be finite
+        (["--l1-size-gb", "1", "--l2-write-queue-mb", "inf"], "--l2-write-queue-mb"),
+        (["--l1-size-gb", "1", "--l2-adapter", '{"type": "disk", "path": "/tmp/a\\u0000b", "max_gb": 1}'], "--l2-adapter"),
         ([], "--l1-size-gb"),
     ],
 )

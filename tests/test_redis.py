@@ -11,9 +11,11 @@ that hangs, dies, is not up yet or is full never fails a request, and the server
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from lmcache.keys import CacheScope
 from lmcache.server.process import ServerProcess, free_port, lmcache_command
 from lmcache.storage.l2 import chunk_file
 from lmcache.storage.l2.redis_tier import RedisTier
-from lmcache.storage.l2.tier import Outgoing
+from lmcache.storage.l2.tier import Outgoing, TierClearError
 from lmcache.testing.redis_servers import MISSING, REDIS_SERVER, RedisClusterNodes, RedisServer
 from sim.workloads import trace_chunk_keys
 
@@ -35,6 +37,7 @@ needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason=MISSING)
 TRACE = TRACES / "mooncake_conversation.jsonl"
 SCOPE = CacheScope("m", 1, 0, "fmt/a", "")
 TENANT_B = CacheScope("m", 1, 0, "fmt/a", "tenant-b")
+SCOPE_KEY = chunk_file.scope_id(SCOPE)
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -237,6 +240,98 @@ def test_the_breaker_skips_a_hung_or_dead_redis_and_reconnects(tmp_path: Path) -
         server.stop()
 
 
+class _NotRedis:
+    """A TCP endpoint that takes RESP commands and answers each with ``reply(command)``: a
+    fault, not a stand-in for Redis (every test of what Redis does uses a real one)."""
+
+    def __init__(self, reply: Callable[[bytes, socket.socket], None]) -> None:
+        self._reply = reply
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self.commands: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        try:
+            while line := reader.readline():
+                args = []
+                for _ in range(int(line[1:])):  # *<n>, then $<len> and the bytes of each
+                    size = int(reader.readline()[1:])
+                    args.append(reader.read(size + 2)[:size])
+                self.commands.append(args[0].upper())
+                self._reply(args[0].upper(), conn)
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_an_endpoint_that_is_not_redis_is_a_miss_and_the_breakers_business() -> None:
+    # It answers PING, and +OK to everything else (HELLO included): redis-py then fails in its
+    # own parsing, with errors that are not RedisError. None of them may leave the tier.
+    endpoint = _NotRedis(lambda command, conn: conn.sendall(b"+PONG\r\n" if command == b"PING" else b"+OK\r\n"))
+    tier = _tier(endpoint.url, timeout_s=0.5)
+    try:
+        chunk = _chunk(SCOPE, 1, _payload(1))
+        tried = 0
+        deadline = time.monotonic() + 20
+        while tried < 5:  # calls that got through the breaker and reached the endpoint
+            assert time.monotonic() < deadline, "the breaker never let a call through"
+            if tier.breaker.allows():
+                tried += 1
+            assert tier.held(chunk.scope_key, [chunk.chunk_hash]) in ([None], [-1])
+            assert tier.put_many([chunk]) == [False]
+            assert tier.get(chunk.scope_key, chunk.chunk_hash, memoryview(bytearray(4096))) is False
+            with pytest.raises(TierClearError):
+                tier.clear()
+            time.sleep(0.01)
+        assert tier.status()["last_error"]  # the breaker saw them
+    finally:
+        tier.close()
+        endpoint.close()
+
+
+def test_closing_the_tier_ends_a_read_that_redis_trickles() -> None:
+    # A byte every 0.2 s never trips a 0.5 s socket timeout; shutdown must not wait for it.
+    asked = threading.Event()
+
+    def trickle(command: bytes, conn: socket.socket) -> None:
+        if command != b"GET":
+            conn.sendall(b"+PONG\r\n" if command == b"PING" else b"+OK\r\n")
+            return
+        asked.set()
+        conn.sendall(b"$4176\r\n")
+        for _ in range(4178):
+            time.sleep(0.2)
+            conn.sendall(b"\0")
+
+    endpoint = _NotRedis(trickle)
+    tier = _connected(_tier(endpoint.url, timeout_s=0.5))
+    got: list[bool] = []
+    reader = threading.Thread(target=lambda: got.append(tier.get(SCOPE_KEY, b"\1" * 16, memoryview(bytearray(4096)))))
+    try:
+        reader.start()
+        assert asked.wait(10), "the GET never reached the endpoint"
+        tier.close()
+        reader.join(10)
+        assert not reader.is_alive() and got == [False]
+    finally:
+        tier.close()
+        endpoint.close()
+
+
 # --- servers sharing one Redis, through the simulator -----------------------------------------
 
 
@@ -365,13 +460,26 @@ def test_redis_hung_killed_and_restarted_mid_run_fails_no_request(tmp_path: Path
 
 
 @needs_redis
-def test_clear_cache_all_tiers_empties_the_namespace_only(tmp_path: Path, redis_server: RedisServer) -> None:
+def test_clear_cache_all_tiers_empties_the_namespace_only_and_says_when_it_could_not(
+        tmp_path: Path, redis_server: RedisServer) -> None:
     client = redis_server.client()
     client.set("someone-else", "keeps this")
-    spec = {"type": "redis", "url": redis_server.url, "namespace": "mine"}
+    spec = {"type": "redis", "url": redis_server.url, "namespace": "mine", "timeout_ms": 200}
     with ServerProcess(l1_size_gb=0.5, extra_args=_adapter(spec)) as server:
         _play(tmp_path, server, 0, 10)
-        assert client.dbsize() > 1
+        stored = client.dbsize()
+        assert stored > 1
+        # Redis hung: the clear cannot reach it, and the answer must say so (that KV would be
+        # served again once Redis is back).
+        redis_server.pause()
+        try:
+            r = httpx.post(f"{server.http_url}/clear-cache", params={"tier": "all"}, timeout=30)
+        finally:
+            redis_server.resume()
+        assert r.status_code == 503 and "redis tier" in r.json()["reason"], r.text
+        assert client.dbsize() == stored
+        assert _status(server)["l1"]["objects"] == 0  # L1 was cleared all the same
+        _until(lambda: _redis_tier(server)["state"] == "ok", "the breaker to close again", timeout=30)
         r = httpx.post(f"{server.http_url}/clear-cache", params={"tier": "all"}, timeout=30)
         assert r.status_code == 200, r.text
         assert client.keys("*") == [b"someone-else"]

@@ -149,6 +149,17 @@ def test_refusals_are_counted_in_metrics(admin: httpx.Client) -> None:
     assert refused() == before + 1
 
 
+def test_refused_quota_writes_share_one_label_and_never_show_a_salt(admin: httpx.Client) -> None:
+    # Salts are request data: one series per salt would grow /metrics without bound, and show them.
+    for i in range(20):
+        assert admin.put(f"/quota/salt-{i}", json={"limit_gb": 1}).status_code == 401
+        assert admin.delete(f"/quota/other-{i}").status_code == 401
+    metrics = admin.get("/metrics").text
+    assert "salt-" not in metrics and "other-" not in metrics
+    refused = [line for line in metrics.splitlines() if line.startswith("lmcache_http_requests_total{") and '"401"' in line]
+    assert any('route="/quota"' in line and float(line.split()[-1]) >= 40 for line in refused), refused
+
+
 def test_the_token_is_shown_nowhere(token_server: ServerProcess, admin: httpx.Client) -> None:
     status = admin.get("/status")
     assert status.json()["config"]["admin_token"] == "***"

@@ -12,9 +12,11 @@ import httpx
 import pytest
 
 from lmcache.client import MPClient
-from lmcache.keys import CacheScope, prompt_hashes
+from lmcache.config import ServerConfig
+from lmcache.keys import MAX_NAME_CHARS, CacheScope, prompt_hashes
 from lmcache.kv_transfer import register_kv_caches
-from lmcache.server.engine import tenant_id
+from lmcache.server.engine import CacheEngine, tenant_id
+from lmcache.server.errors import RequestError
 from lmcache.server.process import ServerProcess
 from lmcache.storage.eviction import LRUPolicy
 from lmcache.storage.l1 import L1Cache
@@ -133,3 +135,28 @@ def test_bad_quotas_are_refused_and_change_nothing(server: ServerProcess, body: 
     assert httpx.get(f"{server.http_url}/quota", timeout=10).json()["quotas"] == []
     r = httpx.put(f"{server.http_url}/quota/t", content=b"{not json", timeout=10)
     assert r.status_code == 400
+
+
+def test_a_salt_no_request_could_carry_is_refused(server: ServerProcess) -> None:
+    r = httpx.put(f"{server.http_url}/quota/{'s' * (MAX_NAME_CHARS + 1)}", json={"limit_gb": 0.001}, timeout=10)
+    assert r.status_code == 400 and "at most" in r.json()["reason"]
+    assert httpx.get(f"{server.http_url}/quota", timeout=10).json()["quotas"] == []
+
+
+def test_the_quota_table_is_bounded_and_existing_quotas_still_change() -> None:
+    from lmcache._fast.pool import MemoryPool
+
+    engine = CacheEngine(ServerConfig(l1_size_gb=8 * OBJ / (1 << 30), port=1, http_port=2),
+                         MemoryPool(8 * OBJ, slab_bytes=8 * OBJ, prefault=False))
+    engine.MAX_QUOTAS = 3  # type: ignore[misc]
+    try:
+        for salt in ("a", "b", "c"):
+            engine.set_quota(salt, 0)
+        with pytest.raises(RequestError, match="at most 3"):
+            engine.set_quota("d", 0)
+        engine.set_quota("a", None)  # a DELETE, and a change of an existing quota, always go through
+        engine.set_quota("b", 0)
+        engine.set_quota("d", 0)
+        assert sorted(engine.l1.quotas()) == ["b", "c", "d"]
+    finally:
+        engine.close()

@@ -29,7 +29,7 @@ from lmcache import protocol as p
 from lmcache._fast.hashing import xxh3_128
 from lmcache._fast.pool import MemoryPool
 from lmcache.config import GIB, ServerConfig
-from lmcache.keys import HASH_BYTES, CacheScope, split_hashes
+from lmcache.keys import HASH_BYTES, MAX_NAME_CHARS, CacheScope, split_hashes
 from lmcache.log import init_logger
 from lmcache.protocol import NO_EVENT, TransferMode
 from lmcache.server.activity import Activity
@@ -41,6 +41,7 @@ from lmcache.server.tickets import Ticket, TicketKind, Tickets
 from lmcache.storage.eviction import POLICIES
 from lmcache.storage.l1 import L1Cache, LockHandle, Reservation
 from lmcache.storage.l2.controller import L2
+from lmcache.storage.l2.tier import TierClearError
 from lmcache.storage.l2.tiers import open_tiers
 from lmcache.storage.memory import check_fits
 from lmcache.transfer.shm import arena_name, remove_orphan_files, remove_stale_arenas
@@ -97,6 +98,8 @@ class CacheEngine:
     SESSION_SWEEP_S = 1.0
     # Longest pause between housekeeping rounds (see _reap_until_stopped).
     HOUSEKEEPING_S = 5.0
+    # Salts with a quota of their own (PUT /quota/{salt}); many more tenants can run on the default.
+    MAX_QUOTAS = 4096
 
     def __init__(
         self, config: ServerConfig, pool: MemoryPool | None = None, gpu_runtime: RuntimeFactory | None = None,
@@ -479,14 +482,19 @@ class CacheEngine:
 
     def clear(self, l2: bool = False) -> int:
         """Drops every cached object, locked ones too (and with ``l2`` every chunk of the L2
-        tiers); returns how many were dropped."""
+        tiers); returns how many were dropped. Raises TierClearError if a tier could not be
+        cleared (L1 and the other tiers are cleared all the same)."""
         dropped = self.l1.clear()
         with self._lock:
             # Sessions stay: releasing their locks is what frees cleared objects under a copy.
             self._clears += 1
         logger.info("Cleared the L1 cache (%d objects)", dropped)
         if l2 and self.l2 is not None:
-            on_disk = self.l2.clear()
+            try:
+                on_disk = self.l2.clear()
+            except TierClearError as e:
+                logger.warning("Clearing the L2 tiers failed, their chunks may still be served: %s", e)
+                raise
             logger.info("Cleared the L2 tiers (%d objects)", on_disk)
             dropped += on_disk
         return dropped
@@ -533,6 +541,11 @@ class CacheEngine:
 
     def set_quota(self, salt: str, limit_gb: float | None) -> None:
         """What one cache salt may hold in L1 (None: the default, --default-quota-gb)."""
+        if len(salt) > MAX_NAME_CHARS:
+            raise RequestError(f"a cache salt is at most {MAX_NAME_CHARS} characters (no request could carry this one)")
+        if limit_gb is not None and salt not in self.l1.quotas() and len(self.l1.quotas()) >= self.MAX_QUOTAS:
+            # Each quota keeps its tenant's figures for good: the table must stay bounded.
+            raise RequestError(f"at most {self.MAX_QUOTAS} salts have their own quota; DELETE one first")
         if limit_gb is not None and (isinstance(limit_gb, bool) or not isinstance(limit_gb, (int, float))
                                      or not 0 <= limit_gb <= self.config.l1_size_gb):
             raise RequestError(f"limit_gb must be a number from 0 to the L1 size {self.config.l1_size_gb:g} (got {limit_gb!r})")

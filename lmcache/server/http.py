@@ -18,6 +18,7 @@ from lmcache.security import bearer_matches
 from lmcache.server.engine import CacheEngine
 from lmcache.server.errors import RequestError
 from lmcache.server.metrics import ServerMetrics
+from lmcache.storage.l2.tier import TierClearError
 
 # Sanic refuses two apps of one name in a process.
 _app_ids = itertools.count()
@@ -36,6 +37,15 @@ class _AdminRequest(Request):
             if kwargs.get("method") != "NONE":
                 raise
             super().__init__(b"/", *args, **kwargs)
+
+
+def _route_label(request: Request) -> str:
+    """A route's metrics label: its first segment ("/quota" for every /quota/{salt}), "other"
+    for paths no route matches. Never the path itself: labels must come from a fixed set, or
+    scanners and tenants' salts would grow /metrics without bound (and show the salts)."""
+    if request.route is None:
+        return "other"
+    return "/" + request.route.path.strip("/").split("/")[0]
 
 
 def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
@@ -57,8 +67,7 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
                 return None
             if bearer_matches(request.headers.get("authorization"), token):
                 return None
-            # Unmatched paths share one label, so scanners cannot grow the metrics without bound.
-            count.labels(route=request.path if request.route else "other", status="401").inc()
+            count.labels(route=_route_label(request), status="401").inc()
             return json(
                 {"status": "error", "error": "this route needs 'Authorization: Bearer <admin token>' "
                  "(the server's --admin-token)"},
@@ -84,7 +93,11 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
             count.labels(route="/clear-cache", status="400").inc()
             return json({"status": "error", "reason": f"tier must be l1 or all (got {tier!r})"}, status=400)
         if tier == "all":
-            await asyncio.to_thread(engine.clear, True)
+            try:
+                await asyncio.to_thread(engine.clear, True)
+            except TierClearError as e:  # the operator must know: that KV may still be served
+                count.labels(route="/clear-cache", status="503").inc()
+                return json({"status": "error", "reason": f"not every L2 tier was cleared: {e}"}, status=503)
         else:
             engine.clear()
         count.labels(route="/clear-cache", status="200").inc()

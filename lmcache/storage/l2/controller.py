@@ -30,7 +30,7 @@ from lmcache.keys import CacheScope
 from lmcache.log import init_logger
 from lmcache.storage.l1 import L1Cache, LockHandle
 from lmcache.storage.l2.chunk_file import scope_id
-from lmcache.storage.l2.tier import Outgoing, Tier
+from lmcache.storage.l2.tier import Outgoing, Tier, TierClearError
 
 logger = init_logger(__name__)
 
@@ -305,7 +305,15 @@ class L2:
             while self._writing:
                 self._cond.wait()
         self._l1.release([w.handle for w in left])
-        return sum(t.clear() for t in self.tiers)
+        dropped, failed = 0, []
+        for tier in self.tiers:  # every tier is tried, whichever failed before it
+            try:
+                dropped += tier.clear()
+            except TierClearError as e:
+                failed.append(str(e))
+        if failed:
+            raise TierClearError("; ".join(failed))
+        return dropped
 
     def status(self) -> dict[str, Any]:
         with self._cond:
@@ -328,9 +336,13 @@ class L2:
             self._cond.notify_all()
         self._l1.release([w.handle for w in left])
         self._writer.join(drain_s)
-        self._reads.shutdown(wait=True, cancel_futures=True)
+        # Reads write into L1 memory, so they must be over before L1 is: the tiers are closed
+        # first, which fails every call still in flight (a stalled network read included).
+        self._reads.shutdown(wait=False, cancel_futures=True)
         for tier in self.tiers:
             tier.close()
+        self._reads.shutdown(wait=True)
+        self._writer.join(drain_s)  # it reads L1 memory: a send it was stalled in fails now
 
 
 def _still_locked(l1: L1Cache, handle: LockHandle) -> bool:

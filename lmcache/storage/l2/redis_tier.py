@@ -39,15 +39,14 @@ from lmcache.log import init_logger
 from lmcache.storage.l2 import chunk_file
 from lmcache.storage.l2.breaker import Breaker
 from lmcache.storage.l2.chunk_file import HEADER_BYTES, BadChunk
-from lmcache.storage.l2.tier import Outgoing
+from lmcache.storage.l2.tier import Outgoing, TierClearError
 
 logger = init_logger(__name__)
 
 KEY_VERSION = "v1"
-# Errors that say Redis is unreachable or unwell (they feed the breaker); a ResponseError such
-# as OOM under 'noeviction' is a failed write only.
-_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
-                redis.exceptions.RedisClusterException, redis.BusyLoadingError, OSError)
+# Errors that say Redis answered and refused one command: a failed call only. Any other error
+# (a cluster that is down included) says it is unreachable, unwell or not Redis: the breaker's.
+_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError)
 _T = TypeVar("_T")
 
 
@@ -125,11 +124,14 @@ class RedisTier:
             return default
         try:
             result = use(client)
-        except _UNREACHABLE as e:
-            self.breaker.failed(e)
-            return default
-        except redis.RedisError as e:
+        except _REFUSED as e:  # Redis answered, and refused this one command (OOM, read-only)
             logger.warning("L2 %s tier %s: %s", self.kind, self.endpoint, e)
+            return default
+        except Exception as e:  # noqa: BLE001
+            # Unreachable, unwell, or not speaking Redis at all (a reply redis-py cannot parse
+            # fails in its own code, with any exception): to vLLM all are a miss, and all are
+            # the breaker's business.
+            self.breaker.failed(e)
             return default
         self.breaker.succeeded()
         return result
@@ -171,7 +173,7 @@ class RedisTier:
             for key in keys:
                 pipe.exists(key)
             missing = []
-            for i, present in enumerate(pipe.execute()):
+            for i, present in enumerate(_ints(pipe.execute())):
                 if present:
                     done[i] = True
                 else:
@@ -187,7 +189,7 @@ class RedisTier:
                 for i in group:
                     tx.set(keys[i], headers[i])
                     tx.append(keys[i], _bytes_view(chunks[i].payload))
-                tx.execute()
+                _ints(tx.execute()[1::2])  # each APPEND answers the value's length
                 for i in group:
                     # Still locked after the send: the slot was never reused under it.
                     if chunks[i].still_valid():
@@ -258,7 +260,11 @@ class RedisTier:
                 dropped += client.unlink(*batch)
             return dropped
 
-        return self._call(self._bulk, drop, 0)
+        dropped = self._call(self._bulk, drop, None)
+        if dropped is None:
+            raise TierClearError(f"{self.kind} tier {self.endpoint} was not cleared: "
+                                 f"{self.breaker.last_error or self.breaker.state.value}")
+        return dropped
 
     def status(self) -> dict[str, Any]:
         with self._counting:
@@ -271,8 +277,13 @@ class RedisTier:
         }
 
     def close(self) -> None:
+        """Stops the prober and closes every connection, also those under a call in flight:
+        a Redis that answers a byte at a time never times out, and must not hold up shutdown
+        (the call fails at once, as a miss)."""
         self.breaker.close()
         for client in (self._bulk, self._lookups):
+            if isinstance(client, redis.Redis):
+                client.connection_pool.disconnect(inuse_connections=True)  # ours: close() leaves it open
             if client is not None:
                 client.close()
 
@@ -286,6 +297,14 @@ def _get(client: Any, key: bytes) -> bytes | None:
             raise
         return b""
     return value if value is None or isinstance(value, bytes) else b""
+
+
+def _ints(replies: list[Any]) -> list[int]:
+    """Replies that must be integers; anything else means the other end does not speak Redis
+    (a failure for the breaker, never a chunk taken for written)."""
+    if not all(isinstance(r, int) for r in replies):
+        raise redis.exceptions.InvalidResponse(f"expected integer replies, got {replies[:3]!r}")
+    return replies
 
 
 def _bytes_view(view: memoryview) -> memoryview:
