@@ -125,6 +125,16 @@ class ServerCopies(KVTransfer):
     def copied(self, event: int) -> bool:
         return self.gpu is None or self.gpu.done(event)
 
+    def _timeout(self, timeout: float | None) -> float:
+        return self.client.timeout_s if timeout is None else timeout
+
+    @staticmethod
+    def _deadline(timeout: float) -> float:
+        """When this call gives up and its blocks go back to vLLM (reused, or recomputed): the
+        server copies nothing after it. Taken before the request is sent, so it is never later
+        than the client's own deadline (the server shares this host's CLOCK_MONOTONIC)."""
+        return time.monotonic() + timeout
+
     def _event(self, event: bytes | None) -> bytes:
         if self.gpu is not None and event is None:
             event = self.gpu.ready()  # on this thread's stream: pass ``event`` from vLLM's
@@ -132,13 +142,17 @@ class ServerCopies(KVTransfer):
 
     def _store(self, hashes: bytes, block_ids: Sequence[int], salt: str, timeout: float | None,
                event: bytes | None) -> Stored:
-        request = p.Store(self.instance_id, hashes, list(block_ids), salt, self._event(event))
+        timeout = self._timeout(timeout)
+        request = p.Store(self.instance_id, hashes, list(block_ids), salt, self._event(event), self._deadline(timeout))
         r = self.client.call(request, p.StoreReply, timeout)
         return Stored(stored=r.stored, present=r.present, skipped=r.skipped, event=r.event)
 
     def _retrieve(self, hashes: bytes, block_ids: Sequence[int], skip_blocks: int, salt: str,
                   timeout: float | None, event: bytes | None) -> Retrieved:
-        request = p.Retrieve(self.instance_id, hashes, list(block_ids), skip_blocks, salt, self._event(event))
+        timeout = self._timeout(timeout)
+        request = p.Retrieve(
+            self.instance_id, hashes, list(block_ids), skip_blocks, salt, self._event(event), self._deadline(timeout)
+        )
         r = self.client.call(request, p.RetrieveReply, timeout)
         return Retrieved(retrieved=r.retrieved, event=r.event)
 

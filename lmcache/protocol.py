@@ -71,6 +71,10 @@ _Flags = Annotated[list[bool], msgspec.Meta(max_length=MAX_REQUEST_CHUNKS)]
 _Event = Annotated[bytes, msgspec.Meta(max_length=256)]
 _Ticket = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 _Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+# Store and Retrieve: the engine's time.monotonic() (CLOCK_MONOTONIC, one clock per host: the
+# server copies only engines on its own host) after which the engine has given up on the request
+# and vLLM may reuse its blocks. 0: none. NaN fails ``ge``.
+_Deadline = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class TransferMode(str, enum.Enum):
@@ -166,6 +170,7 @@ class Store(_Message, tag=10):
     block_ids: BlockIds  # blocks_per_chunk per chunk, in order
     salt: Name = ""
     event: _Event = b""  # cuda_ipc: the engine's interprocess event to wait for before reading
+    deadline: _Deadline = 0.0  # past it the server reads no block and publishes nothing it read
 
 
 class Retrieve(_Message, tag=11):
@@ -175,6 +180,7 @@ class Retrieve(_Message, tag=11):
     skip_blocks: _Count = 0  # leading blocks the engine already holds: not written
     salt: Name = ""
     event: _Event = b""  # cuda_ipc: the engine's interprocess event to wait for before writing
+    deadline: _Deadline = 0.0  # past it the server writes no block
 
 
 class PrepareStore(_Message, tag=12):

@@ -317,17 +317,22 @@ class CacheEngine:
     # --- the server copies: store and retrieve ----------------------------------------------
 
     def store(
-        self, instance_id: str, hashes: bytes, block_ids: Sequence[int], salt: str = "", event: bytes = b""
+        self, instance_id: str, hashes: bytes, block_ids: Sequence[int], salt: str = "", event: bytes = b"",
+        deadline: float = 0.0,
     ) -> StoreResult:
         """Copies chunks out of registered blocks into L1.
 
         Runs on a worker thread; the copies happen outside every lock. A chunk becomes visible
         only after its copy completed (for a GPU engine: once the copy queued on the server's
-        stream has run; the reply does not wait for it).
+        stream has run; the reply does not wait for it), and only if that was before the
+        engine's ``deadline``: past it the engine gave up and vLLM may have reused the blocks for
+        another request, so what was read from them may not be this chunk (see _expired).
         """
         reg = self.registry.get(instance_id)
         copier = reg.server_copier()
         blocks = copier.check(_count(hashes), block_ids, event)
+        if _expired(deadline, "store", instance_id):
+            return StoreResult(0, 0, 0)
         res = self.begin_store(reg.scope(salt), hashes, reg.object_bytes)
         chosen = [i for i, h in enumerate(res.handles) if h is not None]
         if not chosen:
@@ -337,6 +342,8 @@ class CacheEngine:
         start = time.perf_counter()
 
         def publish(ok: Outcome) -> None:
+            if _expired(deadline, "store", instance_id):
+                ok = False  # read (at least partly) after the engine gave up: maybe another request's KV
             stored[0] = self._publish(handles, ok, start)
 
         then = _once(publish)
@@ -350,18 +357,22 @@ class CacheEngine:
 
     def retrieve(
         self, instance_id: str, hashes: bytes, block_ids: Sequence[int], skip_blocks: int = 0, salt: str = "",
-        event: bytes = b"",
+        event: bytes = b"", deadline: float = 0.0,
     ) -> RetrieveResult:
         """Copies the leading cached chunks into registered blocks.
 
         Stops at the first chunk that is not cached (evicted or cleared since the lookup): the
-        blocks of that chunk and every later one are left untouched.
+        blocks of that chunk and every later one are left untouched. Past the engine's
+        ``deadline`` nothing is written: the engine told vLLM these blocks failed, and vLLM
+        recomputes them or hands them to another request.
         """
         reg = self.registry.get(instance_id)
         copier = reg.server_copier()
         blocks = copier.check(_count(hashes), block_ids, event)
         if skip_blocks < 0:
             raise RequestError(f"skip_blocks must be >= 0 (got {skip_blocks})")
+        if _expired(deadline, "retrieve", instance_id):
+            return RetrieveResult(0)
         kept = self._leading(self.begin_retrieve(reg.scope(salt), hashes))
         if not kept:
             return RetrieveResult(0)
@@ -606,6 +617,17 @@ def _once(then: Callable[[Outcome], None]) -> Callable[[Outcome], None]:
             todo(ok)
 
     return once
+
+
+def _expired(deadline: float, operation: str, instance_id: str) -> bool:
+    """Whether an engine's Store or Retrieve came past its deadline (0: none). The engine gave
+    up on it then (the server was paused, or busy) and told vLLM the blocks are free or failed;
+    a copy after that would read another request's KV, or write into blocks vLLM now owns.
+    Engines copied by the server share its host, hence its CLOCK_MONOTONIC."""
+    if not deadline or time.monotonic() < deadline:
+        return False
+    logger.warning("%s for %s came after the engine gave up on it; nothing copied", operation, instance_id)
+    return True
 
 
 def _count(hashes: bytes) -> int:

@@ -72,9 +72,11 @@ class ZmqServer:
             p.EndSession: lambda r: p.Released(locks=engine.end_session(r.session)),
             p.RegisterKVCache: lambda r: p.Registered(**engine.register_kv_cache(r)._asdict()),
             p.UnregisterKVCache: self._unregister,
-            p.Store: lambda r: _store_reply(engine.store(r.instance_id, r.hashes, r.block_ids, r.salt, r.event)),
+            p.Store: lambda r: _store_reply(
+                engine.store(r.instance_id, r.hashes, r.block_ids, r.salt, r.event, r.deadline)
+            ),
             p.Retrieve: lambda r: _retrieve_reply(
-                engine.retrieve(r.instance_id, r.hashes, r.block_ids, r.skip_blocks, r.salt, r.event)
+                engine.retrieve(r.instance_id, r.hashes, r.block_ids, r.skip_blocks, r.salt, r.event, r.deadline)
             ),
             p.PrepareStore: lambda r: _slots(engine.prepare_store(r.instance_id, r.hashes, r.salt)),
             p.CommitStore: lambda r: _store_reply(engine.commit_store(r.ticket, r.ok, r.instance_id)),

@@ -11,6 +11,7 @@ makes it allocate without bound fails inside it rather than exhausting the test 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import time
@@ -99,6 +100,10 @@ def hostile(t: mi.Type, base: Any = msgspec.UNSET, keep: bool = True) -> st.Sear
     if isinstance(t, mi.IntType):
         extremes = st.sampled_from(HOSTILE_INTS + _int_edges(t))
         return st.one_of(*kept, extremes, extremes, extremes, st.integers(-(2**63), 2**64 - 1))
+    if isinstance(t, mi.FloatType):  # a deadline: NaN, infinities, past and far future
+        edges = [b + d for b in (t.ge, t.gt, t.le, t.lt) if b is not None for d in (-1e-9, 0.0, 1e-9)]
+        floats = st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 0.0, 1e-300, 1.0, 1e300, *edges])
+        return st.one_of(*kept, floats, st.floats(allow_nan=True, allow_infinity=True))
     if isinstance(t, mi.BoolType):
         return st.booleans()
     if isinstance(t, mi.StrType):

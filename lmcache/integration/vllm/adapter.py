@@ -79,6 +79,44 @@ def _client(config: ConnectorConfig) -> MPClient:
     )
 
 
+class _ServerDown:
+    """Fails fast while the server is down or silent (killed, paused, overloaded): after one call
+    timed out or found no connection, callers are told to skip the server at once, until a Ping
+    (one in flight at a time, never waited for) is answered. Without it every call in the outage
+    pays the whole ``timeout_s``. Not thread-safe: one per thread that calls."""
+
+    def __init__(self, client: MPClient, what: str) -> None:
+        self._client = client
+        self._what = what
+        self._down = False
+        self._probe: ReplyFuture | None = None
+
+    def saw(self, error: ServerUnavailableError) -> None:
+        if not self._down:
+            logger.warning("LMCache server does not answer (%s): %s are misses until it does", error, self._what)
+            self._down = True
+
+    def answers(self) -> bool:
+        """False while the server is known down and has not answered a Ping since; never blocks."""
+        if not self._down:
+            return True
+        if self._probe is None:
+            try:
+                self._probe = self._client.submit(p.Ping(), wait_to_send=False)
+            except ServerUnavailableError:
+                return False  # not even connected
+        if not self._probe.wait(0):  # wait(0) also fails a Ping past its deadline (a silent server)
+            return False
+        probe, self._probe = self._probe, None
+        try:
+            probe.result()
+        except (ServerUnavailableError, ServerError):
+            return False
+        logger.info("LMCache server answers again: %s resume", self._what)
+        self._down = False
+        return True
+
+
 # --- scheduler side ---------------------------------------------------------------------------
 
 
@@ -124,6 +162,8 @@ class SchedulerAdapter:
             self._hello_failed("not reachable at start")
         self._requests: dict[str, _Request] = {}
         self._step = StepMetadata()
+        # Else, with the server paused, every new request would wait out timeout_s for its lookup.
+        self._down = _ServerDown(self._client, "lookups")
 
     # -- the server's chunk size: asked without blocking, again later if the server was down
     def chunk_size(self) -> int | None:
@@ -173,7 +213,7 @@ class SchedulerAdapter:
         if chunk is None:
             return
         self._extend_hashes(req, chunk)
-        if self.can_load and req.hashes:
+        if self.can_load and req.hashes and self._down.answers():
             try:
                 req.lookup = self._client.submit(
                     p.Lookup(self._scope(req.salt), req.hashes, all_ranks=True, lock=True, session=req_id),
@@ -191,12 +231,17 @@ class SchedulerAdapter:
             if req.lookup is None:
                 req.hit_chunks = 0
             elif not req.lookup.wait(self.config.lookup_wait_ms / 1000):
-                return None, False  # not known yet: vLLM asks again next step
+                if self._down.answers():
+                    return None, False  # not known yet: vLLM asks again next step
+                req.hit_chunks = 0  # sent before the server was found down: a miss now, not at its timeout
             else:
                 try:
                     reply = req.lookup.result()
                     req.hit_chunks = reply.hit_chunks if isinstance(reply, p.LookupReply) else 0
-                except (ServerUnavailableError, ServerError):
+                except ServerUnavailableError as e:
+                    self._down.saw(e)
+                    req.hit_chunks = 0
+                except ServerError:
                     req.hit_chunks = 0
         # Whole chunks only, and never the last prompt token: vLLM must compute at least one.
         loadable = min(req.hit_chunks * chunk, (req.prompt_len - 1) // chunk * chunk)
@@ -357,6 +402,9 @@ class WorkerAdapter:
         self._tensors: list[Any] = []
         self._kv: KVTransfer | None = None
         self._next_try = 0.0
+        # Else each op queued on the one I/O thread would wait out its own timeout in turn, and
+        # the n-th load would keep its request n timeouts in WAITING_FOR_REMOTE_KVS.
+        self._down = _ServerDown(self._client, "loads and stores")  # I/O thread only
         self._io = ThreadPoolExecutor(1, thread_name_prefix="lmcache-kv-io")
         self._lock = threading.Lock()
         self._loads: dict[str, list[Copied]] = {}
@@ -451,6 +499,8 @@ class WorkerAdapter:
     def _usable(self, event: bytes | None) -> KVTransfer | None:
         """The registration to use, or None. A GPU op needs the event recorded on vLLM's stream
         when the step was handed over (the I/O thread's own stream is not ordered after it)."""
+        if not self._down.answers():
+            return None
         if not self._try_register():
             return None
         kv = self._kv
@@ -510,6 +560,8 @@ class WorkerAdapter:
         return NO_EVENT
 
     def _lost_registration(self, error: Exception) -> None:
+        if isinstance(error, ServerUnavailableError):
+            self._down.saw(error)
         if isinstance(error, ServerError) and error.code is p.ErrorCode.UNKNOWN_INSTANCE:
             self._kv = None  # the server restarted: register again
             self._next_try = 0.0
