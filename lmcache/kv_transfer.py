@@ -27,7 +27,7 @@ from lmcache.protocol import AUTO_MODE, CPU_MODE_CHOICES, NO_EVENT, TransferMode
 from lmcache.transfer.layouts import describe
 from lmcache.transfer.liveness import process_mark
 from lmcache.transfer.registered import RegisteredCache, storage_array
-from lmcache.transfer.shm import ARENA_PREFIX, map_segment, migrate_to_shm
+from lmcache.transfer.shm import ARENA_PREFIX, Segment, map_segment, migrate_to_shm
 
 logger = init_logger(__name__)
 
@@ -220,6 +220,11 @@ def _undo_slots(request: p.PrepareStore | p.PrepareRetrieve) -> Callable[[p.Repl
     return undo
 
 
+class MigrationNeeded(RuntimeError):
+    """engine_driven needs the tensors moved into SHM first. Only the thread that writes them (vLLM's)
+    may move them: a write between the copy and the swap would be lost."""
+
+
 def register_kv_caches(
     client: MPClient,
     tensors: Sequence[Any],
@@ -230,6 +235,9 @@ def register_kv_caches(
     kv_split: str | None = None,
     mode: str = AUTO_MODE,
     timeout: float | None = None,
+    *,
+    migrate: bool = True,
+    segments: list[Segment] | None = None,
 ) -> KVTransfer:
     """Registers vLLM's per-layer KV tensors with the server ``client`` talks to.
 
@@ -240,16 +248,39 @@ def register_kv_caches(
     nothing is left behind if either side dies. ``lmcache_driven`` keeps the tensors where they
     are: this process copies pages into and out of the server's L1 arena, which it maps.
     ``auto`` picks lmcache_driven when the server offers it, else engine_driven.
+
+    ``segments``: ones ``migrate_to_shm`` already moved the tensors into (on the thread that owns
+    them); they are unlinked here either way. Without them, engine_driven migrates here, or with
+    ``migrate=False`` (a thread racing vLLM's writes) raises MigrationNeeded.
     """
     logger.info("Registering kv caches!")
-    tensors = list(tensors)
+    given = list(segments or [])
+    try:
+        return _register(client, list(tensors), model, world_size, rank, instance_id, kv_split, mode, timeout,
+                         migrate, given)
+    finally:
+        for segment in given:  # unused (the server now offers lmcache_driven, or it failed), or used
+            segment.unlink()
+
+
+def _register(
+    client: MPClient, tensors: list[Any], model: str, world_size: int, rank: int, instance_id: str | None,
+    kv_split: str | None, mode: str, timeout: float | None, migrate: bool, given: list[Segment],
+) -> KVTransfer:
     instance_id = instance_id or f"{os.getpid()}"
     layout, storages = describe(tensors, kv_split)
     if tensors and getattr(tensors[0], "is_cuda", False):
         return _register_gpu(client, tensors, storages, model, world_size, rank, instance_id, layout, mode, timeout)
     picked = _cpu_mode(client, mode, timeout)
     logger.info("Creating transfer context (device_type=cpu, mode=%s)", picked.value)
-    segments = migrate_to_shm(tensors, storages) if picked is TransferMode.ENGINE_DRIVEN else []
+    segments: list[Segment] = []
+    if picked is TransferMode.ENGINE_DRIVEN:
+        if given:
+            segments = given
+        elif migrate:
+            segments = migrate_to_shm(tensors, storages)
+        else:
+            raise MigrationNeeded("engine_driven: the KV tensors must move into SHM on vLLM's thread first")
     liveness = process_mark() if picked is TransferMode.LMCACHE_DRIVEN else ""
     request = p.RegisterKVCache(
         instance_id, model, world_size, rank, layout, [s.name for s in segments], picked, liveness=liveness

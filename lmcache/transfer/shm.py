@@ -3,7 +3,8 @@ segments, the server side maps them by name.
 
 Lifetime: a segment's name only has to live until the server has mapped it. The engine unlinks
 it as soon as registration is answered (or fails); both mappings stay valid after the unlink. A
-new registration (after a server restart) migrates the tensors again into a fresh segment.
+new registration (after a server restart) migrates the tensors again into a fresh segment, on the
+thread that writes them (vLLM's, between steps: see WorkerAdapter._move_tensors).
 An engine that dies before it unlinks (killed during registration) must not leave its KV in
 /dev/shm: it holds an flock on every file it creates there for as long as the name exists, and
 the server removes ``lmcache_kv_*`` and ``lmcache_live_*`` files nobody holds a lock on (their

@@ -1,5 +1,5 @@
-"""A server that stalls (SIGSTOP: a GC pause, a frozen container, swapping) under the vLLM
-connector's adapters, against a real server process, every byte checked.
+"""A server that stalls (SIGSTOP: a GC pause, a frozen container, swapping) or restarts under
+the vLLM connector's adapters, against a real server process, every byte checked.
 
 vLLM must never wait on it longer than one ``timeout_s``, whatever number of requests arrive
 meanwhile, must use it again once it answers, and, in engine_driven mode (the server copies in
@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
+
+import lmcache.integration.vllm.adapter as adapter_module
+import lmcache.kv_transfer as kv_transfer_module
 
 from engine_support import wait_until
 from lmcache import protocol as p
@@ -56,7 +60,8 @@ def worker(server: ServerProcess) -> tuple[WorkerAdapter, list[torch.Tensor]]:
     fill(kv, "LBNHC", seed=3)
     w = WorkerAdapter(config(server), "stalled-server", 1, 0, instance_id=f"w-{random.getrandbits(32)}")
     w.register(kv)
-    assert w.transfer_stats is not None, "the worker did not register"
+    # A loaded machine may take longer than TIMEOUT_S to answer a registration: try again.
+    wait_until(lambda: w._try_register(on_vllm_thread=True), "the worker registers", 10)
     return w, kv
 
 
@@ -158,3 +163,40 @@ def test_a_paused_server_never_copies_into_or_out_of_blocks_vllm_got_back(server
                 assert torch.equal(t[12:16], want)
     finally:
         w.close()
+
+
+def test_a_restarted_server_never_has_the_kv_cache_moved_under_vllms_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine_driven: registering again (the server restarted, or was down when vLLM started)
+    moves vLLM's KV tensors into fresh SHM segments (copy, then swap). On the I/O thread, a write
+    of vLLM's forward pass between the copy and the swap was lost from vLLM's own KV cache: it
+    must happen on the thread that drives the steps (and writes the KV), between two steps."""
+    moved_on: list[str] = []
+
+    def recording(migrate):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            moved_on.append(threading.current_thread().name)
+            return migrate(*args, **kwargs)
+        return wrapper
+
+    for module in (kv_transfer_module, adapter_module):
+        if hasattr(module, "migrate_to_shm"):
+            monkeypatch.setattr(module, "migrate_to_shm", recording(module.migrate_to_shm))
+    first = ServerProcess(extra_args=["--chunk-size", str(CHUNK)]).start()
+    w, kv = worker(first)
+    try:
+        first.stop(signal.SIGKILL)
+        with ServerProcess(port=first.port, http_port=first.http_port, extra_args=["--chunk-size", str(CHUNK)]) as again:
+            hashes = os.urandom(2 * 16)
+
+            def stored_and_loaded() -> bool:  # one vLLM step each: a store, then a load of it
+                w.save(StepMetadata(stores=[StoreOp("s", hashes, [0, 1, 2, 3], "")]))
+                return not load(w, "l", hashes, [20, 21, 22, 23])
+
+            wait_until(stored_and_loaded, f"the worker uses the restarted server on port {again.port}", 15)
+        for t in kv:
+            assert torch.equal(t[20:24], t[0:4])
+        vllm_thread = threading.current_thread().name
+        assert len(moved_on) == 2 and set(moved_on) == {vllm_thread}, f"the KV tensors were moved on {moved_on}"
+    finally:
+        w.close()
+        first.stop()

@@ -37,9 +37,11 @@ from lmcache import protocol as p
 from lmcache.client import MPClient, ReplyFuture, ServerError, ServerUnavailableError
 from lmcache.config import ConnectorConfig, strip_scheme
 from lmcache.keys import HASH_BYTES, CacheScope, prompt_hashes
-from lmcache.kv_transfer import KVTransfer, TransferStats, register_kv_caches
+from lmcache.kv_transfer import KVTransfer, MigrationNeeded, TransferStats, register_kv_caches
 from lmcache.log import init_logger
 from lmcache.protocol import NO_EVENT, TransferMode
+from lmcache.transfer.layouts import describe
+from lmcache.transfer.shm import Segment, migrate_to_shm
 
 logger = init_logger(__name__)
 _FOREVER_S = 7 * 24 * 3600.0  # a Fence is waited for as long as the server is alive
@@ -401,6 +403,11 @@ class WorkerAdapter:
         self._instance_id = instance_id
         self._tensors: list[Any] = []
         self._kv: KVTransfer | None = None
+        # engine_driven (re-)registration from the I/O thread: it asks, vLLM's thread moves the
+        # tensors into SHM between two steps (never while its forward pass writes them), and the
+        # I/O thread sends the segments. Both under _lock.
+        self._wants_segments = False
+        self._segments: list[Segment] | None = None
         self._next_try = 0.0
         # Else each op queued on the one I/O thread would wait out its own timeout in turn, and
         # the n-th load would keep its request n timeouts in WAITING_FOR_REMOTE_KVS.
@@ -416,19 +423,27 @@ class WorkerAdapter:
     def register(self, tensors: list[Any]) -> None:
         logger.info("Registering kv caches!")
         self._tensors = list(tensors)
-        self._try_register()
+        self._try_register(on_vllm_thread=True)  # before vLLM's first step: free to move the tensors
 
-    def _try_register(self) -> bool:
+    def _try_register(self, on_vllm_thread: bool = False) -> bool:
         if self._kv is not None:
             return True
         if not self._tensors or time.monotonic() < self._next_try:
             return False
+        with self._lock:
+            if self._wants_segments:
+                return False  # until vLLM's thread has moved the tensors
+            segments, self._segments = self._segments, None
         try:
             self._kv = register_kv_caches(
                 self._client, self._tensors, self.model, self.world_size, self.rank, instance_id=self._instance_id,
-                mode=self.config.mp_transfer_mode,
+                mode=self.config.mp_transfer_mode, migrate=on_vllm_thread, segments=segments,
             )
             return True
+        except MigrationNeeded:
+            with self._lock:
+                self._wants_segments = True
+            return False
         except (ServerUnavailableError, ServerError, OSError) as e:
             self._next_try = time.monotonic() + self.config.retry_interval_s
             logger.warning("Could not register the KV cache with the LMCache server (%s); will retry", e)
@@ -445,13 +460,32 @@ class WorkerAdapter:
         kv = self._kv
         return kv.ready() if kv is not None else None
 
+    def _move_tensors(self) -> None:
+        """On vLLM's thread, between its forward passes: moves the KV tensors into SHM when the
+        I/O thread asked for it (engine_driven registration after a server restart, or with a
+        server that was down at start). On the I/O thread a write of the forward pass landing
+        between the copy and the swap would be lost from vLLM's own KV cache."""
+        with self._lock:
+            if not self._wants_segments:
+                return
+        try:
+            segments = migrate_to_shm(self._tensors, describe(self._tensors)[1])
+        except OSError as e:  # /dev/shm full: stay unregistered, ask again later
+            logger.warning("Could not move the KV cache into shared memory (%s); will retry", e)
+            segments = None
+            self._next_try = time.monotonic() + self.config.retry_interval_s
+        with self._lock:
+            self._segments, self._wants_segments = segments, False
+
     def start_load(self, step: StepMetadata) -> None:
+        self._move_tensors()
         if step.loads:
             event = self._gpu_ready()
             for op in step.loads:
                 self._loads.setdefault(op.req_id, []).append(Copied(self._io.submit(self._load, op, event)))
 
     def save(self, step: StepMetadata) -> None:
+        self._move_tensors()
         self._delayed.update(step.delayed_free)
         if step.stores:
             event = self._gpu_ready()
@@ -568,6 +602,8 @@ class WorkerAdapter:
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=False)
+        for segment in self._segments or []:  # moved, never sent
+            segment.unlink()
         self._client.close()
 
 
