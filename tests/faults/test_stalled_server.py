@@ -196,7 +196,9 @@ def test_a_restarted_server_never_has_the_kv_cache_moved_under_vllms_writes(monk
         for t in kv:
             assert torch.equal(t[20:24], t[0:4])
         vllm_thread = threading.current_thread().name
-        assert len(moved_on) == 2 and set(moved_on) == {vllm_thread}, f"the KV tensors were moved on {moved_on}"
+        # At least the first registration and the one after the restart; more when a slow machine
+        # made a registration time out and retry. Never on another thread.
+        assert len(moved_on) >= 2 and set(moved_on) == {vllm_thread}, f"the KV tensors were moved on {moved_on}"
     finally:
         w.close()
         first.stop()
