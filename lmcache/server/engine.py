@@ -554,7 +554,8 @@ class CacheEngine:
         """What one cache salt may hold in L1 (None: the default, --default-quota-gb)."""
         if len(salt) > MAX_NAME_CHARS:
             raise RequestError(f"a cache salt is at most {MAX_NAME_CHARS} characters (no request could carry this one)")
-        if limit_gb is not None and salt not in self.l1.quotas() and len(self.l1.quotas()) >= self.MAX_QUOTAS:
+        quotas = self.l1.quotas()  # a copy, taken under L1's lock: once
+        if limit_gb is not None and salt not in quotas and len(quotas) >= self.MAX_QUOTAS:
             # Each quota keeps its tenant's figures for good: the table must stay bounded.
             raise RequestError(f"at most {self.MAX_QUOTAS} salts have their own quota; DELETE one first")
         if limit_gb is not None and (isinstance(limit_gb, bool) or not isinstance(limit_gb, (int, float))
