@@ -245,6 +245,9 @@ class ClearReply(_Message, tag=104):
 
 class LookupReply(_Message, tag=105):
     hit_chunks: int
+    # The server's chunk size (0: an older server). A client that hashed with another size (the
+    # server restarted with a new --chunk-size) learns it here and hashes again.
+    chunk_size: int = 0
 
 
 class Released(_Message, tag=106):

@@ -66,7 +66,8 @@ class ZmqServer:
             p.Status: lambda _: p.StatusReply(status=engine.status()),
             p.Clear: lambda _: p.ClearReply(cleared_objects=engine.clear()),
             p.Lookup: lambda r: p.LookupReply(
-                hit_chunks=engine.lookup(r.scope, r.hashes, r.all_ranks, r.lock, r.session, load=self._off_loop())
+                hit_chunks=engine.lookup(r.scope, r.hashes, r.all_ranks, r.lock, r.session, load=self._off_loop()),
+                chunk_size=config.chunk_size,
             ),
             p.ReleaseLocks: lambda r: p.Released(locks=engine.release_locks(r.session, r.hashes)),
             p.EndSession: lambda r: p.Released(locks=engine.end_session(r.session)),

@@ -202,3 +202,58 @@ def test_a_restarted_server_never_has_the_kv_cache_moved_under_vllms_writes(monk
     finally:
         w.close()
         first.stop()
+
+
+def serve(s: SchedulerAdapter, w: WorkerAdapter, req_id: str, prompt: list[int], blocks: list[int]) -> int:
+    """One request through the scheduler and the worker, as vLLM's steps drive them: the prompt
+    tokens loaded from the server (its blocks are stored, as far as they were computed)."""
+    answers: list[tuple[int | None, bool]] = []
+    s.on_new_request(req_id, prompt)
+    wait_until(lambda: answers.append(s.get_num_new_matched_tokens(req_id, 0)) or answers[-1][0] is not None,
+               "the lookup is answered", 10)
+    need = answers[-1][0] or 0
+    s.update_state_after_alloc(req_id, blocks, need, 0)
+    step = s.build_step([(req_id, blocks, True, 0, len(prompt))], set(), set())
+    w.start_load(step)
+    w.save(step)
+    failed = False
+    if step.loads:
+        finish(w, {req_id}, 10 * TIMEOUT_S)
+        failed = bool(w.take_load_errors())
+    w.flush(10)
+    s.request_finished(req_id)
+    return 0 if failed else need
+
+
+def test_a_server_restarted_with_another_chunk_size_is_used_at_its_new_size() -> None:
+    """The scheduler learned the chunk size from the first server; the one restarted on its port
+    has another. The connector must notice and hash with the new size (else every store is
+    refused and the cache is never used again until vLLM restarts), and loads stay byte-exact."""
+    first = ServerProcess(extra_args=["--chunk-size", str(CHUNK)]).start()
+    s = SchedulerAdapter(config(first), "stalled-server", 1, BLOCK)
+    w, kv = worker(first)
+    try:
+        wait_until(lambda: s.chunk_size() == CHUNK, "the scheduler knows the chunk size", 10)
+        first.stop(signal.SIGKILL)
+        new_chunk = 2 * CHUNK
+        with ServerProcess(port=first.port, http_port=first.http_port,
+                           extra_args=["--chunk-size", str(new_chunk)]) as again:
+            prompt = [random.randrange(1000) for _ in range(6 * new_chunk + 5)]
+            loadable = 6 * new_chunk
+            stored, loaded_into = list(range(0, 26)), list(range(30, 56))
+            assert any(not torch.equal(t[30:54], t[0:24]) for t in kv)
+            rounds = iter(range(1000))
+
+            def hit_after_store() -> bool:
+                i = next(rounds)
+                serve(s, w, f"store{i}", prompt, stored)
+                return serve(s, w, f"load{i}", prompt, loaded_into) == loadable
+
+            wait_until(hit_after_store, f"a prompt stored on the restarted server (port {again.port}) is loaded", 20)
+        assert s.chunk_size() == new_chunk
+        for t in kv:
+            assert torch.equal(t[30:54], t[0:24])
+    finally:
+        w.close()
+        s.close()
+        first.stop()

@@ -128,6 +128,7 @@ class _Request:
     tokens: list[int]
     prompt_len: int
     salt: str
+    chunk: int = 0  # the chunk size `hashes` were made with (0: none yet)
     hashes: bytes = b""  # chained hashes of the full chunks of `tokens` so far
     lookup: ReplyFuture | None = None
     hit_chunks: int | None = None
@@ -184,13 +185,21 @@ class SchedulerAdapter:
             except (ServerUnavailableError, ServerError) as e:
                 self._hello_failed(str(e))
                 return None
-            if not isinstance(hello, p.HelloReply) or hello.chunk_size % self.block_size:
-                logger.warning("The server's chunk size is not a multiple of vLLM's block size %d: caching is off",
-                               self.block_size)
-                self._next_hello = float("inf")
-                return None
-            self._chunk_size = hello.chunk_size
+            self._adopt(hello.chunk_size if isinstance(hello, p.HelloReply) else 0)
         return self._chunk_size
+
+    def _adopt(self, chunk_size: int) -> None:
+        """The server's chunk size, from its Hello or, after it restarted with another, a Lookup reply."""
+        if chunk_size <= 0 or chunk_size % self.block_size:
+            logger.warning("The server's chunk size %d is not a multiple of vLLM's block size %d: caching is off",
+                           chunk_size, self.block_size)
+            self._chunk_size, self._next_hello = None, float("inf")
+            return
+        if self._chunk_size is not None and chunk_size != self._chunk_size:
+            # Requests hashed with the old size finish without the cache; new ones use the new size.
+            logger.warning("The LMCache server's chunk size is now %d, not %d (it restarted): new requests use it",
+                           chunk_size, self._chunk_size)
+        self._chunk_size = chunk_size
 
     def _hello_failed(self, why: str) -> None:
         if not self._warned:
@@ -201,12 +210,18 @@ class SchedulerAdapter:
     def _scope(self, salt: str) -> CacheScope:
         return CacheScope(self.model, self.world_size, 0, "", salt)
 
-    def _extend_hashes(self, req: _Request, chunk: int) -> None:
+    def _extend_hashes(self, req: _Request, chunk: int) -> bool:
+        """Hashes the request's new full chunks; False if its hashes are of another chunk size."""
+        if req.chunk != chunk:
+            if req.hashes:
+                return False
+            req.chunk = chunk
         done = len(req.hashes) // HASH_BYTES
         full = len(req.tokens) // chunk
         if full > done:
             parent = req.hashes[-HASH_BYTES:] if done else None
             req.hashes += prompt_hashes(req.tokens[done * chunk : full * chunk], chunk, parent)
+        return True
 
     def on_new_request(self, req_id: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
         req = _Request(req_id, list(prompt_token_ids), len(prompt_token_ids), cache_salt or "")
@@ -226,8 +241,7 @@ class SchedulerAdapter:
 
     def get_num_new_matched_tokens(self, req_id: str, num_computed_tokens: int) -> tuple[int | None, bool]:
         req = self._requests.get(req_id)
-        chunk = self._chunk_size
-        if req is None or chunk is None or not self.can_load:
+        if req is None or not req.chunk or not self.can_load:
             return 0, False
         if req.hit_chunks is None:
             if req.lookup is None:
@@ -240,11 +254,16 @@ class SchedulerAdapter:
                 try:
                     reply = req.lookup.result()
                     req.hit_chunks = reply.hit_chunks if isinstance(reply, p.LookupReply) else 0
+                    if isinstance(reply, p.LookupReply) and reply.chunk_size not in (0, req.chunk):
+                        self._adopt(reply.chunk_size)  # the server restarted with another chunk size
                 except ServerUnavailableError as e:
                     self._down.saw(e)
                     req.hit_chunks = 0
                 except ServerError:
                     req.hit_chunks = 0
+        if req.chunk != self._chunk_size:
+            req.hit_chunks = 0  # hashed with a chunk size the server no longer has
+        chunk = req.chunk
         # Whole chunks only, and never the last prompt token: vLLM must compute at least one.
         loadable = min(req.hit_chunks * chunk, (req.prompt_len - 1) // chunk * chunk)
         need = loadable - num_computed_tokens
@@ -260,8 +279,10 @@ class SchedulerAdapter:
         if req is None:
             return
         req.block_ids = list(block_ids)
-        chunk = self._chunk_size
-        if num_external_tokens <= 0 or chunk is None:
+        # The request's own chunk size, even if the server's changed since: the load then fails
+        # on the server, and vLLM recomputes the blocks it was promised.
+        chunk = req.chunk
+        if num_external_tokens <= 0 or not chunk:
             self._end_lookup(req)
             return
         bpc = chunk // self.block_size
@@ -291,11 +312,10 @@ class SchedulerAdapter:
                 req.block_ids = list(blocks)
             else:
                 req.block_ids.extend(blocks)
-            if not self.can_store or chunk is None:
+            if not self.can_store or chunk is None or not self._extend_hashes(req, chunk):
                 continue
             limit = len(req.tokens) if self.config.save_decode_cache else req.prompt_len
             full = min(computed + n_scheduled, limit) // chunk
-            self._extend_hashes(req, chunk)
             full = min(full, len(req.hashes) // HASH_BYTES, len(req.block_ids) // (chunk // self.block_size))
             start = max(req.stored_chunks, req.loaded_chunks)
             if full > start:
