@@ -368,6 +368,45 @@ def test_a_clear_that_leaves_chunk_files_says_so_and_serves_none(tmp_path: Path,
     assert tier.status()["objects"] == 0 and not any(tier.may_hold(key, h) for h in hashes)  # ... and never served
 
 
+def test_a_clear_that_cannot_delete_chunk_files_disowns_them_for_good(tmp_path: Path, freeze, caplog) -> None:
+    """A clear writes a new epoch before it deletes anything: the files it cannot delete are of
+    the old one, served neither by this server nor by one restarted on the directory (after new
+    weights under the same model name, they would be the old model's KV)."""
+    tier, hashes = _tier_with(tmp_path)
+    folder = _chunk_files(tmp_path)[0].parent
+    freeze(tmp_path / ROOT_NAME)  # the root cannot be renamed away ...
+    freeze(folder)  # ... nor its chunk files deleted; the epoch can be written
+    assert tier.clear() == 3
+    assert any("never served" in r.getMessage() for r in caplog.records)
+    assert len(_chunk_files(tmp_path)) == 3 and tier.status()["objects"] == 0
+    assert _get(tier, SCOPE, hashes[0]) is None
+    tier.close()
+    again = DiskTier(tmp_path, 1 << 20)  # a restart: they are still there, and not chunks of it
+    assert again.status()["objects"] == 0 and len(_chunk_files(tmp_path)) == 3
+    assert _get(again, SCOPE, hashes[0]) is None
+
+
+def test_a_restart_indexes_only_the_chunks_of_the_directorys_epoch(tmp_path: Path, caplog) -> None:
+    tier, hashes = _tier_with(tmp_path)
+    tier.close()
+    (tmp_path / ".epoch").write_text("12345\n")  # as a clear leaves it when the server dies right after
+    again = DiskTier(tmp_path, 1 << 20)
+    assert again.status()["objects"] == 0 and _chunk_files(tmp_path) == []
+    key = chunk_file.scope_id(SCOPE)
+    assert again.put(SCOPE, key, hashes[0], CHUNK, memoryview(_payload(0)))
+    again.close()
+    warm = DiskTier(tmp_path, 1 << 20)  # chunks written in the directory's epoch survive restarts
+    assert warm.status()["objects"] == 1 and _get(warm, SCOPE, hashes[0]) == _payload(0)
+    warm.close()
+    (tmp_path / ".epoch").write_text("not a number")  # damaged: which chunks are current is unknown
+    damaged = DiskTier(tmp_path, 1 << 20)
+    assert damaged.status()["objects"] == 0 and _get(damaged, SCOPE, hashes[0]) is None
+    assert any(".epoch is unreadable" in r.getMessage() for r in caplog.records)
+    assert damaged.put(SCOPE, key, hashes[1], CHUNK, memoryview(_payload(1)))
+    damaged.close()
+    assert DiskTier(tmp_path, 1 << 20).status()["objects"] == 1  # its new epoch was written
+
+
 def test_a_clear_that_deletes_the_files_in_place_succeeds(tmp_path: Path, freeze) -> None:
     tier, hashes = _tier_with(tmp_path)
     freeze(tmp_path)  # the root cannot be renamed away, but its files can be deleted

@@ -4,7 +4,8 @@ The header names everything a reader must check before a byte is served: the for
 scope the chunk belongs to (a digest of model, world size, rank, page format and cache salt, so
 chunks of another model, layout or tenant can never be mixed in), the chunk hash, the token
 count, the payload length and an XXH3-128 checksum of the payload. A header or checksum that
-does not match makes the chunk a miss, never a wrong byte.
+does not match makes the chunk a miss, never a wrong byte. The disk tier also writes its epoch,
+which each clear changes: a file of another epoch is from before a clear, never served.
 
     offset  size  field
     0       4     magic b"LMKV"
@@ -16,7 +17,7 @@ does not match makes the chunk a miss, never a wrong byte.
     24      16    scope digest
     40      16    chunk hash
     56      16    payload checksum (XXH3-128)
-    72      8     reserved (0)
+    72      8     epoch (the disk tier's when written; 0 elsewhere)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lmcache.keys import CacheScope
 
 MAGIC = b"LMKV"
 VERSION = 1
-_HEADER = struct.Struct("<4sHHII Q16s16s16s8x")
+_HEADER = struct.Struct("<4sHHII Q16s16s16sQ")
 HEADER_BYTES = _HEADER.size  # 80
 
 
@@ -41,6 +42,7 @@ class Header(NamedTuple):
     scope_id: bytes
     chunk_hash: bytes
     checksum: bytes
+    epoch: int
 
 
 class BadChunk(ValueError):
@@ -56,18 +58,19 @@ def checksum(payload: memoryview | bytes) -> bytes:
     return xxh3_128(payload)  # releases the GIL while it reads
 
 
-def pack(tokens: int, scope: bytes, chunk_hash: bytes, payload: memoryview | bytes) -> bytes:
-    return _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, tokens, 0, len(payload), scope, chunk_hash, checksum(payload))
+def pack(tokens: int, scope: bytes, chunk_hash: bytes, payload: memoryview | bytes, epoch: int = 0) -> bytes:
+    return _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, tokens, 0, len(payload), scope, chunk_hash, checksum(payload),
+                        epoch)
 
 
 def unpack(raw: bytes) -> Header:
     """The header in ``raw``; raises BadChunk if it is not one of this version."""
     if len(raw) < HEADER_BYTES:
         raise BadChunk(f"header is {len(raw)} bytes, expected {HEADER_BYTES}")
-    magic, version, size, tokens, _, payload, scope, chunk_hash, check = _HEADER.unpack_from(raw)
+    magic, version, size, tokens, _, payload, scope, chunk_hash, check, epoch = _HEADER.unpack_from(raw)
     if magic != MAGIC or version != VERSION or size != HEADER_BYTES:
         raise BadChunk(f"not an lmcache chunk of version {VERSION} (magic {magic!r}, version {version})")
-    return Header(tokens, payload, scope, chunk_hash, check)
+    return Header(tokens, payload, scope, chunk_hash, check, epoch)
 
 
 def verify(header: Header, scope: bytes, chunk_hash: bytes, payload: memoryview) -> None:

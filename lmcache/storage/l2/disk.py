@@ -22,6 +22,11 @@ The directory may change under the tier (emptied by hand while the server runs):
 finds a folder gone makes the folders again and retries once, the chunks that went with a folder
 are forgotten, and the tier checks that ``.lock`` is still the file it holds (else it takes it
 again, or, if another server has it, stops writing).
+
+A clear must hold even for files it cannot delete (an immutable file, a failing disk): each clear
+first gives the tier a new random epoch, kept in ``<path>/.epoch``, and every chunk file carries
+the epoch it was written in. A file of another epoch is never served and is removed at the next
+start, so what a clear leaves behind is only disk space.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from lmcache.storage.l2.tier import Outgoing, TierClearError
 logger = init_logger(__name__)
 
 ROOT_NAME = "lmcache-v1"
+EPOCH_NAME = ".epoch"
 SUFFIX = ".kv"
 TMP_SUFFIX = ".tmp"
 # Errors after which the tier stops taking writes (and keeps serving reads).
@@ -102,13 +108,32 @@ class DiskTier:
         # Clears a crash (or a failed delete) left behind: outside the root, so never indexed.
         for stale in self.path.glob(f".{ROOT_NAME}.cleared.*"):
             self._remove_trash(stale)
+        for partial in self.path.glob(f"{EPOCH_NAME}.*{TMP_SUFFIX}"):
+            _unlink(partial)
+        self._epoch = self._read_epoch()
         self._rebuild()
+
+    def _read_epoch(self) -> int:
+        """The epoch of the chunks to index: 0 for a directory never cleared (or of a version
+        before epochs). One that cannot be read is replaced: then no file is indexed."""
+        try:
+            return _valid_epoch(int((self.path / EPOCH_NAME).read_text()))
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as e:
+            epoch = secrets.randbits(64)
+            logger.warning("L2 disk tier %s: %s is unreadable (%s); starting empty", self.path, EPOCH_NAME, e)
+            try:
+                _write_epoch(self.path, epoch)
+            except OSError as e:
+                logger.warning("L2 disk tier %s: cannot write %s (%s)", self.path, EPOCH_NAME, e)
+            return epoch
 
     # --- the index --------------------------------------------------------------------------
 
     def _rebuild(self) -> None:
         found: list[tuple[float, Key, int]] = []
-        partial = foreign = 0
+        partial = foreign = stale = 0
         for scope_dir in os.scandir(self.root):
             scope = _canonical_hex(scope_dir.name)
             # Another spelling of a digest (upper case) is not where reads look: never indexed.
@@ -132,7 +157,11 @@ class DiskTier:
                     _unlink(entry.path)
                     foreign += 1
                     continue
-                mtime, size = checked
+                mtime, size, epoch = checked
+                if epoch != self._epoch:  # written before a clear that could not delete it
+                    _unlink(entry.path)
+                    stale += 1
+                    continue
                 found.append((mtime, (scope, chunk_hash), size))
         found.sort(key=lambda f: f[0])
         for _, key, size in found:
@@ -142,12 +171,12 @@ class DiskTier:
             self._policy.add(key)
             self._used += size
         self.counters.corrupt += foreign
-        logger.info("L2 disk tier %s: %d chunks (%.2f GB) found, %d partial and %d foreign or damaged files removed",
-                    self.path, len(self._index), self._used / 1e9, partial, foreign)
+        logger.info("L2 disk tier %s: %d chunks (%.2f GB) found; %d partial, %d foreign or damaged and %d cleared "
+                    "files removed", self.path, len(self._index), self._used / 1e9, partial, foreign, stale)
         self._make_room(0)
 
-    def _checked_file(self, path: str, scope: bytes, chunk_hash: bytes) -> tuple[float, int] | None:
-        """(mtime, size) of a chunk file whose header says it is this chunk, whose size is the
+    def _checked_file(self, path: str, scope: bytes, chunk_hash: bytes) -> tuple[float, int, int] | None:
+        """(mtime, size, epoch) of a chunk file whose header says it is this chunk, whose size is the
         header's and which the tier could hold; None if it is not one (the caller deletes it).
         One open and an 80-byte read per file: no payload is read (its checksum is checked when
         it is served)."""
@@ -163,7 +192,7 @@ class DiskTier:
             os.close(fd)
         if (header.scope_id, header.chunk_hash) != (scope, chunk_hash) or HEADER_BYTES + header.payload_bytes != st.st_size:
             return None
-        return st.st_mtime, st.st_size
+        return st.st_mtime, st.st_size, header.epoch
 
     def payload_bytes(self, scope: bytes, chunk_hash: bytes) -> int | None:
         """The payload size of a chunk on disk, or None (no I/O: the index answers)."""
@@ -206,12 +235,12 @@ class DiskTier:
                 return False
             self._make_room(size)
             self._used += size  # reserved now, so concurrent writers cannot overfill the tier
-            generation = self._generation
+            generation, epoch = self._generation, self._epoch
         final = self._file(scope_key, chunk_hash)
         tmp = final.with_name(f"{final.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
         written = named = False
         try:
-            header = chunk_file.pack(tokens, scope_key, chunk_hash, payload)
+            header = chunk_file.pack(tokens, scope_key, chunk_hash, payload, epoch)
             try:
                 self._write_file(scope, scope_key, tmp, [header, payload])
             except FileNotFoundError:  # a folder went (a clear, or removed by hand): made again, once
@@ -324,6 +353,8 @@ class DiskTier:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise BadChunk("not a regular file")
             header = chunk_file.unpack(os.pread(fd, HEADER_BYTES, 0))
+            if header.epoch != self._epoch:
+                raise BadChunk("written before the last clear")
             if header.payload_bytes != len(into):
                 raise BadChunk(f"payload is {header.payload_bytes} bytes, the slot {len(into)}")
             if _read_all(fd, into, HEADER_BYTES) != len(into):
@@ -371,7 +402,8 @@ class DiskTier:
 
     def clear(self) -> int:
         """Drops every chunk; a tier that had stopped taking writes takes them again. Raises
-        TierClearError if chunk files may survive (they would be indexed again at a restart)."""
+        TierClearError if chunk files may survive that a restart would serve: some could not be
+        deleted, and neither could the new epoch be written that disowns them."""
         trash: Path | None = self.path / f".{ROOT_NAME}.cleared.{secrets.token_hex(4)}"
         with self._lock:
             dropped = len(self._index)
@@ -383,6 +415,12 @@ class DiskTier:
                 raise TierClearError(f"L2 disk tier {self.path}: its .lock is not its own any more (another server took it); "
                                      "this server serves none of its chunks, but their files were left to that server")
             self.state = TierState.OK
+            epoch = secrets.randbits(64)
+            try:  # first, so that a file this clear cannot delete (or a crash) leaves is never served
+                _write_epoch(self.path, epoch)
+                self._epoch, disowned = epoch, ""
+            except OSError as e:
+                disowned = f"; nor could {EPOCH_NAME} be written ({e})"
             try:
                 os.rename(self.root, cast(Path, trash))  # at once; the files are deleted outside the lock
             except OSError as e:
@@ -391,10 +429,13 @@ class DiskTier:
                 left = _remove_tree(self.root)
                 survivors = _chunk_files_in(self.root)
                 if survivors:
-                    raise TierClearError(
-                        f"L2 disk tier {self.path}: {len(survivors)} chunk file(s) could not be deleted "
-                        f"(renaming {self.root.name} away failed: {e}; then {left[0] if left else survivors[0]}); "
-                        "this server no longer serves them, but a restart would") from e
+                    why = (f"{len(survivors)} chunk file(s) could not be deleted (renaming {self.root.name} away "
+                           f"failed: {e}; then {left[0] if left else survivors[0]})")
+                    if disowned:
+                        raise TierClearError(f"L2 disk tier {self.path}: {why}{disowned}; this server no longer "
+                                             "serves them, but a restart would") from e
+                    logger.warning("L2 disk tier %s: %s; they are of an older epoch, never served, and removed "
+                                   "at the next start", self.path, why)
                 trash = None
             self.root.mkdir(parents=True, exist_ok=True)
         if trash is not None:
@@ -541,6 +582,32 @@ def _read_all(fd: int, into: memoryview, offset: int) -> int:
             break
         done += n
     return done
+
+
+def _valid_epoch(epoch: int) -> int:
+    if not 0 <= epoch < 1 << 64:
+        raise ValueError(f"epoch {epoch} out of range")
+    return epoch
+
+
+def _write_epoch(path: Path, epoch: int) -> None:
+    """Replaces ``path``'s epoch file, durably: a clear must outlive a crash that follows it."""
+    tmp = path / f"{EPOCH_NAME}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, [f"{epoch}\n".encode()])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path / EPOCH_NAME)
+    finally:
+        _unlink(tmp)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _canonical_hex(name: str) -> bytes | None:
