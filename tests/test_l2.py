@@ -379,7 +379,9 @@ def test_a_clear_that_cannot_delete_chunk_files_disowns_them_for_good(tmp_path: 
     assert tier.clear() == 3
     assert any("never served" in r.getMessage() for r in caplog.records)
     assert len(_chunk_files(tmp_path)) == 3 and tier.status()["objects"] == 0
-    assert _get(tier, SCOPE, hashes[0]) is None
+    assert _get(tier, SCOPE, hashes[0]) is None and tier.status()["corrupt"] == 0  # a miss, not damage
+    # Files of an epoch are of header version 2: a server from before epochs takes them for foreign.
+    assert all(f.read_bytes()[4:6] == b"\x01\x00" for f in _chunk_files(tmp_path))
     tier.close()
     again = DiskTier(tmp_path, 1 << 20)  # a restart: they are still there, and not chunks of it
     assert again.status()["objects"] == 0 and len(_chunk_files(tmp_path)) == 3
@@ -403,8 +405,11 @@ def test_a_restart_indexes_only_the_chunks_of_the_directorys_epoch(tmp_path: Pat
     assert damaged.status()["objects"] == 0 and _get(damaged, SCOPE, hashes[0]) is None
     assert any(".epoch is unreadable" in r.getMessage() for r in caplog.records)
     assert damaged.put(SCOPE, key, hashes[1], CHUNK, memoryview(_payload(1)))
+    assert all(f.read_bytes()[4:6] == b"\x02\x00" for f in _chunk_files(tmp_path))  # version 2: has an epoch
+    (tmp_path / ".epoch").unlink()  # removed by hand: written again when the tier next looks
+    assert damaged.status()["objects"] == 1 and (tmp_path / ".epoch").exists()
     damaged.close()
-    assert DiskTier(tmp_path, 1 << 20).status()["objects"] == 1  # its new epoch was written
+    assert DiskTier(tmp_path, 1 << 20).status()["objects"] == 1  # its new epoch was kept
 
 
 def test_a_clear_that_deletes_the_files_in_place_succeeds(tmp_path: Path, freeze) -> None:

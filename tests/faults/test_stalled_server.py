@@ -231,9 +231,10 @@ def test_a_server_restarted_with_another_chunk_size_is_used_at_its_new_size() ->
     refused and the cache is never used again until vLLM restarts), and loads stay byte-exact."""
     first = ServerProcess(extra_args=["--chunk-size", str(CHUNK)]).start()
     s = SchedulerAdapter(config(first), "stalled-server", 1, BLOCK)
+    producer = SchedulerAdapter(config(first), "stalled-server", 1, BLOCK, kv_role="kv_producer")  # sends no Lookup
     w, kv = worker(first)
     try:
-        wait_until(lambda: s.chunk_size() == CHUNK, "the scheduler knows the chunk size", 10)
+        wait_until(lambda: s.chunk_size() == producer.chunk_size() == CHUNK, "the schedulers know the chunk size", 10)
         first.stop(signal.SIGKILL)
         new_chunk = 2 * CHUNK
         with ServerProcess(port=first.port, http_port=first.http_port,
@@ -250,10 +251,12 @@ def test_a_server_restarted_with_another_chunk_size_is_used_at_its_new_size() ->
                 return serve(s, w, f"load{i}", prompt, loaded_into) == loadable
 
             wait_until(hit_after_store, f"a prompt stored on the restarted server (port {again.port}) is loaded", 20)
+            wait_until(lambda: producer.chunk_size() == new_chunk, "a store-only scheduler learns the new size", 10)
         assert s.chunk_size() == new_chunk
         for t in kv:
             assert torch.equal(t[30:54], t[0:24])
     finally:
         w.close()
         s.close()
+        producer.close()
         first.stop()

@@ -158,9 +158,11 @@ class SchedulerAdapter:
         self._chunk_size: int | None = None
         self._hello: ReplyFuture | None = None
         self._next_hello = 0.0
+        self._refused_chunk_size: int | None = None
         self._warned = False
         try:  # ask now (waiting at most a second, once, for the connection); read the answer later
             self._hello = self._client.submit(p.Hello(client_name="vllm-scheduler"), timeout=min(1.0, config.timeout_s))
+            self._next_hello = time.monotonic() + config.retry_interval_s
         except ServerUnavailableError:
             self._hello_failed("not reachable at start")
         self._requests: dict[str, _Request] = {}
@@ -168,33 +170,39 @@ class SchedulerAdapter:
         # Else, with the server paused, every new request would wait out timeout_s for its lookup.
         self._down = _ServerDown(self._client, "lookups")
 
-    # -- the server's chunk size: asked without blocking, again later if the server was down
+    # -- the server's chunk size: asked without blocking, and again every retry_interval_s: a
+    # server restarted on the port may have another (Lookup replies say so too, but a store-only
+    # scheduler sends none)
     def chunk_size(self) -> int | None:
-        if self._chunk_size is not None:
-            return self._chunk_size
-        if self._hello is None and time.monotonic() >= self._next_hello:
+        now = time.monotonic()
+        if self._hello is None and now >= self._next_hello:
             try:
                 self._hello = self._client.submit(p.Hello(client_name="vllm-scheduler"), wait_to_send=False)
             except ServerUnavailableError:
                 self._hello_failed("not connected")
-                return None
-        if self._hello is not None and self._hello.wait(self.config.lookup_wait_ms / 1000):
+                return self._chunk_size
+            self._next_hello = now + self.config.retry_interval_s
+        # Only the first answer is waited for (briefly); later ones are read once they are there.
+        wait_s = self.config.lookup_wait_ms / 1000 if self._chunk_size is None else 0.0
+        if self._hello is not None and self._hello.wait(wait_s):
             future, self._hello = self._hello, None
             try:
                 hello = future.result()
             except (ServerUnavailableError, ServerError) as e:
                 self._hello_failed(str(e))
-                return None
+                return self._chunk_size
             self._adopt(hello.chunk_size if isinstance(hello, p.HelloReply) else 0)
         return self._chunk_size
 
     def _adopt(self, chunk_size: int) -> None:
         """The server's chunk size, from its Hello or, after it restarted with another, a Lookup reply."""
         if chunk_size <= 0 or chunk_size % self.block_size:
-            logger.warning("The server's chunk size %d is not a multiple of vLLM's block size %d: caching is off",
-                           chunk_size, self.block_size)
-            self._chunk_size, self._next_hello = None, float("inf")
+            if chunk_size != self._refused_chunk_size:  # said once per value: the next Hello asks again
+                logger.warning("The server's chunk size %d is not a multiple of vLLM's block size %d: caching is off",
+                               chunk_size, self.block_size)
+            self._chunk_size, self._refused_chunk_size = None, chunk_size
             return
+        self._refused_chunk_size = None
         if self._chunk_size is not None and chunk_size != self._chunk_size:
             # Requests hashed with the old size finish without the cache; new ones use the new size.
             logger.warning("The LMCache server's chunk size is now %d, not %d (it restarted): new requests use it",

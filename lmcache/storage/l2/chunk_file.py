@@ -9,7 +9,8 @@ which each clear changes: a file of another epoch is from before a clear, never 
 
     offset  size  field
     0       4     magic b"LMKV"
-    4       2     version (1)
+    4       2     version (1; 2 if the epoch is not 0, so that an older reader, blind to epochs,
+                  takes the file for a foreign one instead of serving a chunk a clear disowned)
     6       2     header size (80)
     8       4     tokens in the chunk
     12      4     reserved (0)
@@ -32,6 +33,7 @@ from lmcache.keys import CacheScope
 
 MAGIC = b"LMKV"
 VERSION = 1
+VERSION_WITH_EPOCH = 2
 _HEADER = struct.Struct("<4sHHII Q16s16s16sQ")
 HEADER_BYTES = _HEADER.size  # 80
 
@@ -59,7 +61,8 @@ def checksum(payload: memoryview | bytes) -> bytes:
 
 
 def pack(tokens: int, scope: bytes, chunk_hash: bytes, payload: memoryview | bytes, epoch: int = 0) -> bytes:
-    return _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, tokens, 0, len(payload), scope, chunk_hash, checksum(payload),
+    version = VERSION_WITH_EPOCH if epoch else VERSION
+    return _HEADER.pack(MAGIC, version, HEADER_BYTES, tokens, 0, len(payload), scope, chunk_hash, checksum(payload),
                         epoch)
 
 
@@ -68,8 +71,9 @@ def unpack(raw: bytes) -> Header:
     if len(raw) < HEADER_BYTES:
         raise BadChunk(f"header is {len(raw)} bytes, expected {HEADER_BYTES}")
     magic, version, size, tokens, _, payload, scope, chunk_hash, check, epoch = _HEADER.unpack_from(raw)
-    if magic != MAGIC or version != VERSION or size != HEADER_BYTES:
-        raise BadChunk(f"not an lmcache chunk of version {VERSION} (magic {magic!r}, version {version})")
+    if magic != MAGIC or version not in (VERSION, VERSION_WITH_EPOCH) or size != HEADER_BYTES:
+        raise BadChunk(f"not an lmcache chunk of version {VERSION} or {VERSION_WITH_EPOCH} "
+                       f"(magic {magic!r}, version {version})")
     return Header(tokens, payload, scope, chunk_hash, check, epoch)
 
 

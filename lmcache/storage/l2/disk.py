@@ -113,6 +113,20 @@ class DiskTier:
         self._epoch = self._read_epoch()
         self._rebuild()
 
+    def _new_epoch(self) -> str:
+        """Gives the directory a new epoch (lock held): "" once it is durable, else why not."""
+        epoch = secrets.randbits(64)
+        try:
+            _replace_epoch_file(self.path, epoch)
+        except OSError as e:
+            return f"; nor could {EPOCH_NAME} be written ({e})"
+        self._epoch = epoch  # on disk now: the tier's own writes must carry it
+        try:
+            _fsync_directory(self.path)
+        except OSError as e:
+            return f"; nor could {EPOCH_NAME} be made durable ({e})"
+        return ""
+
     def _read_epoch(self) -> int:
         """The epoch of the chunks to index: 0 for a directory never cleared (or of a version
         before epochs). One that cannot be read is replaced: then no file is indexed."""
@@ -124,7 +138,7 @@ class DiskTier:
             epoch = secrets.randbits(64)
             logger.warning("L2 disk tier %s: %s is unreadable (%s); starting empty", self.path, EPOCH_NAME, e)
             try:
-                _write_epoch(self.path, epoch)
+                _replace_epoch_file(self.path, epoch)
             except OSError as e:
                 logger.warning("L2 disk tier %s: cannot write %s (%s)", self.path, EPOCH_NAME, e)
             return epoch
@@ -341,7 +355,8 @@ class DiskTier:
 
     def get(self, scope_key: bytes, chunk_hash: bytes, into: memoryview) -> bool:
         """Reads a chunk into ``into`` (an L1 slot of the chunk's size); False, and ``into`` is
-        not to be used, if the chunk is absent or fails its checks (then it is deleted)."""
+        not to be used, if the chunk is absent, from before a clear, or fails its checks (then it
+        is deleted)."""
         key = (scope_key, chunk_hash)
         path = self._file(scope_key, chunk_hash)
         try:
@@ -353,8 +368,9 @@ class DiskTier:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise BadChunk("not a regular file")
             header = chunk_file.unpack(os.pread(fd, HEADER_BYTES, 0))
-            if header.epoch != self._epoch:
-                raise BadChunk("written before the last clear")
+            if header.epoch != self._epoch:  # from before a clear: a miss, and not this read's to
+                self.counters.misses += 1    # delete (a write since may have put the chunk there again)
+                return False
             if header.payload_bytes != len(into):
                 raise BadChunk(f"payload is {header.payload_bytes} bytes, the slot {len(into)}")
             if _read_all(fd, into, HEADER_BYTES) != len(into):
@@ -415,12 +431,7 @@ class DiskTier:
                 raise TierClearError(f"L2 disk tier {self.path}: its .lock is not its own any more (another server took it); "
                                      "this server serves none of its chunks, but their files were left to that server")
             self.state = TierState.OK
-            epoch = secrets.randbits(64)
-            try:  # first, so that a file this clear cannot delete (or a crash) leaves is never served
-                _write_epoch(self.path, epoch)
-                self._epoch, disowned = epoch, ""
-            except OSError as e:
-                disowned = f"; nor could {EPOCH_NAME} be written ({e})"
+            disowned = self._new_epoch()  # first: what this clear cannot delete (or a crash) leaves is never served
             try:
                 os.rename(self.root, cast(Path, trash))  # at once; the files are deleted outside the lock
             except OSError as e:
@@ -500,6 +511,8 @@ class DiskTier:
             return False
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            if self._epoch and not os.path.lexists(self.path / EPOCH_NAME):  # removed by hand: else a
+                _replace_epoch_file(self.path, self._epoch)  # restart would drop every chunk written since
         except OSError:
             return False
         return self.writable
@@ -590,8 +603,8 @@ def _valid_epoch(epoch: int) -> int:
     return epoch
 
 
-def _write_epoch(path: Path, epoch: int) -> None:
-    """Replaces ``path``'s epoch file, durably: a clear must outlive a crash that follows it."""
+def _replace_epoch_file(path: Path, epoch: int) -> None:
+    """Replaces ``path``'s epoch file at once (written and synced, then renamed over the old one)."""
     tmp = path / f"{EPOCH_NAME}.{secrets.token_hex(4)}{TMP_SUFFIX}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -603,6 +616,10 @@ def _write_epoch(path: Path, epoch: int) -> None:
         os.rename(tmp, path / EPOCH_NAME)
     finally:
         _unlink(tmp)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Makes the renames in ``path`` durable: a clear must outlive a crash that follows it."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
