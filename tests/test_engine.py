@@ -218,3 +218,35 @@ def test_a_ticket_is_only_its_engines_and_never_guessable(eng: CacheEngine) -> N
     with pytest.raises(RequestError, match="unknown or expired"):
         eng.commit_store(ticket, [True, True], instance_id="a")  # another engine's ticket
     assert eng.commit_store(ticket, [True, True], instance_id="b")[0] == 2
+
+
+def test_locks_of_abandoned_requests_go_after_the_ttl_while_others_keep_locking_the_chunk() -> None:
+    """L1 expires an object's read locks once all of them are past the TTL, which a chunk that
+    others keep locking never is: the locks of requests abandoned with it (a session never ended,
+    a retrieve never finished: an aborted request, a killed engine) must go when their session or
+    ticket is swept, else they pile up on the hottest chunks for good."""
+    engine = CacheEngine(ServerConfig(l1_size_gb=0.01, port=1, http_port=2, chunk_size=64, lock_ttl_s=0.2))
+    try:
+        _register(engine, "e")
+        scope, hashes = CacheScope("m", 1, 0, ""), prompt(1, seed=7)
+        ticket = engine.prepare_store("e", hashes)[0]
+        assert engine.commit_store(ticket, [True])[0] == 1
+        for i in range(20):
+            assert engine.lookup(scope, hashes, lock=True, session=f"abandoned-{i}") == 1
+            assert engine.prepare_retrieve("e", hashes).ticket != 0
+        assert engine.status()["tickets"]["open"] == 20
+
+        def only_the_busy_client_locks() -> bool:  # which locks and unlocks the chunk all along
+            assert engine.lookup(scope, hashes, lock=True, session="busy") == 1
+            engine.end_session("busy")
+            grant = engine.prepare_retrieve("e", hashes)
+            assert grant.ticket != 0 and engine.finish_retrieve(grant.ticket, "e") == 1
+            status = engine.status()
+            return status["l1"]["read_locked"] == 0 and status["tickets"]["open"] == 0
+
+        deadline = time.monotonic() + 10
+        while not only_the_busy_client_locks():
+            assert time.monotonic() < deadline, f"abandoned locks still held: {engine.status()['l1']}"
+            time.sleep(0.02)
+    finally:
+        engine.close()

@@ -593,16 +593,19 @@ class CacheEngine:
                     logger.exception("During housekeeping")
 
     def _sweep(self, force: bool = False) -> None:
-        """Forgets sessions whose locks have all expired, and expired tickets (at most once a
-        SESSION_SWEEP_S unless forced: it runs on the request path)."""
+        """Ends sessions and tickets past the lock TTL, giving back their locks (at most once a
+        SESSION_SWEEP_S unless forced: it runs on the request path). L1 expires an object's read
+        locks only when all of them are past the TTL, so on a chunk others keep locking, the
+        locks of an abandoned request (aborted, or its engine killed) go only here."""
         now = time.monotonic()
         if now < self._next_sweep and not force:
             return
         with self._lock:
             self._next_sweep = now + self.SESSION_SWEEP_S
-            for name in [n for n, s in self._sessions.items() if s.deadline <= now]:
-                del self._sessions[name]
-        self._tickets.sweep(self.config.lock_ttl_s, self.l1.release_held)
+            expired = [n for n, s in self._sessions.items() if s.deadline <= now]
+            abandoned = [h for n in expired for h in self._sessions.pop(n).handles]
+        self.l1.release(abandoned)
+        self._tickets.sweep(self.config.lock_ttl_s, self.l1.release_held, self.l1.release)
 
 
 def _once(then: Callable[[Outcome], None]) -> Callable[[Outcome], None]:

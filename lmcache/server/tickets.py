@@ -65,11 +65,13 @@ class Tickets:
             del self._open[number]
         return ticket
 
-    def sweep(self, lock_ttl_s: float, release_held: Callable[[list[LockHandle | None]], object]) -> None:
-        """Past the lock TTL a ticket's locks have expired. A retrieve ticket goes: a late
-        FinishRetrieve finds it unknown, and the engine's load counts as failed. A store ticket
-        stays while its engine lives: the slots it was handed are orphans that only its commit,
-        or its death, gives back (``release_held``)."""
+    def sweep(self, lock_ttl_s: float, release_held: Callable[[list[LockHandle | None]], object],
+              release: Callable[[list[LockHandle | None]], object]) -> None:
+        """Past the lock TTL a ticket's locks have expired. A retrieve ticket goes, and its read
+        locks with it (``release``: on a chunk others keep locking they would not expire); a
+        late FinishRetrieve finds it unknown, and the engine's load counts as failed. A store
+        ticket stays while its engine lives: the slots it was handed are orphans that only its
+        commit, or its death, gives back (``release_held``)."""
         stale = time.monotonic() - lock_ttl_s
         with self._lock:
             old = [(n, t) for n, t in self._open.items() if t.created <= stale]
@@ -81,5 +83,4 @@ class Tickets:
         with self._lock:
             dropped = [t for n in gone if (t := self._open.pop(n, None)) is not None]
         for ticket in dropped:
-            if ticket.kind is TicketKind.STORE:
-                release_held(ticket.handles)
+            (release_held if ticket.kind is TicketKind.STORE else release)(ticket.handles)
