@@ -7,9 +7,11 @@ first; /status and /metrics show usage per tenant, bounded, without ever printin
 from __future__ import annotations
 
 import random
+from urllib.parse import quote
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmcache.client import MPClient
 from lmcache.config import ServerConfig
@@ -122,7 +124,7 @@ def test_a_flooding_tenant_does_not_push_out_another_tenants_system_prompt(serve
             "default_limit_gb": None, "quotas": [{"tenant": tenant_id("flood"), "limit_gb": 0.0005}]}
         metrics = httpx.get(f"{http}/metrics", timeout=10).text
         assert f'lmcache_tenant_used_bytes{{tenant="{tenant_id("flood")}"}} {float(flood["used_bytes"])}' in metrics
-        assert f'lmcache_tenant_hit_chunks_total{{tenant="{tenant_id("quiet")}"}} 20.0' in metrics
+        assert f'lmcache_tenant_hit_chunks{{tenant="{tenant_id("quiet")}"}} 20.0' in metrics
 
         assert httpx.delete(f"{http}/quota/flood", timeout=10).json()["own"] is False
         assert httpx.get(f"{http}/quota", timeout=10).json()["quotas"] == []
@@ -141,6 +143,88 @@ def test_a_salt_no_request_could_carry_is_refused(server: ServerProcess) -> None
     r = httpx.put(f"{server.http_url}/quota/{'s' * (MAX_NAME_CHARS + 1)}", json={"limit_gb": 0.001}, timeout=10)
     assert r.status_code == 400 and "at most" in r.json()["reason"]
     assert httpx.get(f"{server.http_url}/quota", timeout=10).json()["quotas"] == []
+
+
+def _encode(salt: str) -> str:
+    """A salt as one path segment: "." and ".." too (clients resolve those segments away)."""
+    return quote(salt, safe="").replace(".", "%2E")
+
+
+def test_a_quota_lands_on_the_salt_requests_carry_whatever_its_characters(server: ServerProcess) -> None:
+    http = f"{server.http_url}/quota"
+    salts = ["tenant ä/1", "a b", "a/b", "100%", "%41", "..", ".", "a?b", "a#b", "x\x00y", "tab\tx", "+plus",
+             "semi;colon", "emoji\U0001F600", "back\\slash", " " * MAX_NAME_CHARS]
+    for salt in salts:
+        r = httpx.put(f"{http}/{_encode(salt)}", json={"limit_gb": 0}, timeout=10)
+        assert r.status_code == 200 and r.json()["tenant"] == tenant_id(salt), (salt[:20], r.text[:200])
+        assert httpx.get(f"{http}/{_encode(salt)}", timeout=10).json() == {"tenant": tenant_id(salt), "limit_gb": 0.0,
+                                                                           "own": True}
+    assert {q["tenant"] for q in httpx.get(http, timeout=10).json()["quotas"]} == {tenant_id(s) for s in salts}
+    # The empty salt (requests without one) and salts too long for a request line: /quota/.
+    assert httpx.put(f"{http}/?salt=", json={"limit_gb": 0}, timeout=10).json() == {"tenant": "", "limit_gb": 0.0,
+                                                                                     "own": True}
+    long = "\u00e4" * MAX_NAME_CHARS
+    assert httpx.put(f"{http}/", json={"salt": long, "limit_gb": 0}, timeout=10).json()["tenant"] == tenant_id(long)
+    assert httpx.get(f"{http}?salt=", timeout=10).json()["own"] is True
+    for bad in ("%FF", "%C3", "%ED%A0%80"):  # not UTF-8: no request could carry it
+        r = httpx.put(f"{http}/{bad}", json={"limit_gb": 0}, timeout=10)
+        assert r.status_code == 400 and r.json()["status"] == "error"
+    assert httpx.put(f"{http}/", json={"limit_gb": 0}, timeout=10).status_code == 400  # no salt named
+    assert httpx.put(f"{http}/a?salt=b", json={"limit_gb": 0}, timeout=10).status_code == 400  # two
+
+    # The quotas hold for the tenants' own stores.
+    with MPClient("127.0.0.1", server.port, timeout_s=30) as client:
+        reg = register_kv_caches(client, make_kv("LBHNC", "bfloat16"), model="tenants", mode="engine_driven")
+        rng = random.Random(3)
+        for salt in ("tenant ä/1", "", "."):
+            stored = reg.store(_prompt(rng), range(32), salt=salt)
+            assert stored.stored == 0 and stored.skipped == 2, salt
+        assert httpx.delete(f"{http}/{_encode('tenant ä/1')}", timeout=10).json()["own"] is False
+        assert httpx.delete(f"{http}/?salt=", timeout=10).json()["own"] is False
+        assert reg.store(_prompt(rng), range(32), salt="tenant ä/1").stored == 2
+        assert reg.store(_prompt(rng), range(32)).stored == 2
+
+
+def test_every_quota_method_answers_a_salt_too_long_with_400_json(server: ServerProcess) -> None:
+    salt = "s" * (MAX_NAME_CHARS + 1)
+    for url, body in ((f"{server.http_url}/quota/{salt}", {}), (f"{server.http_url}/quota/", {"salt": salt})):
+        for method in ("PUT", "DELETE", "GET"):
+            r = httpx.request(method, url, json=body | {"limit_gb": 0} if method == "PUT" else body or None, timeout=10)
+            assert r.status_code == 400 and r.json()["status"] == "error" and "at most" in r.json()["reason"], method
+    assert httpx.get(f"{server.http_url}/healthcheck", timeout=10).status_code == 200
+    assert "Traceback" not in server.output()
+    assert 'lmcache_http_requests_total{route="/quota",status="400"} 6.0' in httpx.get(
+        f"{server.http_url}/metrics", timeout=10).text
+
+
+def _counters(server: ServerProcess) -> tuple[dict[tuple[str, tuple], float], dict[str, str]]:
+    """Every sample of a counter on /metrics, and the type of every lmcache_tenant_* family."""
+    families = list(text_string_to_metric_families(httpx.get(f"{server.http_url}/metrics", timeout=10).text))
+    counters = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in families if f.type == "counter" for s in f.samples}
+    return counters, {f.name: f.type for f in families if f.name.startswith("lmcache_tenant_")}
+
+
+def test_no_counter_on_metrics_goes_backwards_when_tenants_change_rank(server: ServerProcess) -> None:
+    with MPClient("127.0.0.1", server.port, timeout_s=30) as client:
+        reg = register_kv_caches(client, make_kv("LBHNC", "bfloat16"), model="tenants", mode="engine_driven")
+        rng = random.Random(4)
+        for i in range(11):  # more tenants than the top 10 /metrics shows one by one
+            assert reg.store(_prompt(rng), range(32), salt=f"t{i}").stored == 2
+        l1 = httpx.get(f"{server.http_url}/status", timeout=10).json()["l1"]
+        chunk_gb = l1["used_bytes"] / l1["objects"] / (1 << 30)
+        httpx.put(f"{server.http_url}/quota/late", json={"limit_gb": chunk_gb}, timeout=10).raise_for_status()
+        for _ in range(10):  # it stores 20 chunks but holds 1: summed into tenant="other"
+            reg.store(_prompt(rng), range(32), salt="late")
+        httpx.delete(f"{server.http_url}/quota/late", timeout=10).raise_for_status()
+        before, kinds = _counters(server)
+        for _ in range(3):  # now it holds the most: into the top, out of "other"
+            assert reg.store(_prompt(rng), range(32), salt="late").stored == 2
+        after, _ = _counters(server)
+    went_down = {k: (v, after[k]) for k, v in before.items() if k in after and after[k] < v}
+    assert not went_down
+    assert kinds and set(kinds.values()) == {"gauge"}, kinds
+    assert any(k.startswith("lmcache_tenant_stored") for k in kinds)
 
 
 def test_the_quota_table_is_bounded_and_existing_quotas_still_change() -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from json import loads
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, SanicException
 from sanic.response import HTTPResponse, json, raw
 
+from lmcache.keys import MAX_NAME_CHARS
 from lmcache.security import bearer_matches
 from lmcache.server.engine import CacheEngine
 from lmcache.server.errors import RequestError
@@ -53,6 +56,9 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
     app.config.REQUEST_MAX_SIZE = 64 << 10  # no admin route takes a body worth buffering
+    # Sanic's ceiling (8 KiB by default): the request line of /quota/{salt} carries any salt
+    # of MAX_NAME_CHARS ASCII characters, %-encoded; longer encodings go in /quota/'s body.
+    app.config.REQUEST_MAX_HEADER_SIZE = 16_384
     count = metrics.http_requests
     token = engine.config.admin_token
 
@@ -105,28 +111,59 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
 
     # Tenants (cache salts): GET /quota lists the quotas (tenants by a digest of their salt);
     # PUT /quota/{salt} {"limit_gb": N} caps what one salt may hold in L1, DELETE puts it
-    # back on the default (--default-quota-gb).
+    # back on the default (--default-quota-gb), GET shows it. {salt} is everything after
+    # "/quota/", percent-decoded once as UTF-8 (%2F is a "/" of the salt, %25 a "%"). A salt
+    # no path can carry (the empty salt of requests without one, ".", "..": clients resolve
+    # those segments away) goes in the query instead: /quota/?salt=... (form-encoded), or in
+    # the JSON body of /quota/ as {"salt": ...}.
     @app.get("/quota")
-    async def list_quotas(_: Request) -> HTTPResponse:
+    async def list_quotas(request: Request) -> HTTPResponse:
+        if "salt=" in request.query_string:  # GET /quota?salt=...: that salt's, as /quota/?salt=...
+            return await one_quota(request, None)
         count.labels(route="/quota", status="200").inc()
         return json(engine.quotas())
 
-    @app.route("/quota/<salt:str>", methods=["GET", "PUT", "DELETE"])
-    async def one_quota(request: Request, salt: str) -> HTTPResponse:
-        if request.method == "PUT":
-            body = request.json if request.body else None
-            limit = body.get("limit_gb") if isinstance(body, dict) else None
-            try:
+    async def one_quota(request: Request, salt: str | None) -> HTTPResponse:
+        try:
+            body = _json_body(request)
+            given = _query_salts(request) + ([body["salt"]] if "salt" in body else [])
+            if salt is None:
+                if len(given) != 1 or not isinstance(given[0], str):
+                    raise RequestError('/quota/ needs the salt once, as a string: /quota/?salt=... or {"salt": "..."} '
+                                       "(?salt= is the empty salt, that of requests without one)")
+                salt = given[0]
+            elif given:
+                raise RequestError("name the salt once: in the path, or with /quota/ in ?salt= or the body")
+            if request.method == "PUT":
+                limit = body.get("limit_gb")
                 if limit is None:
                     raise RequestError('the body must be {"limit_gb": N}')
                 engine.set_quota(salt, limit)
-            except RequestError as e:
-                count.labels(route="/quota", status="400").inc()
-                return json({"status": "error", "reason": str(e)}, status=400)
-        elif request.method == "DELETE":
-            engine.set_quota(salt, None)
+            elif request.method == "DELETE":
+                engine.set_quota(salt, None)
+            elif len(salt) > MAX_NAME_CHARS:  # GET: the same answer as PUT and DELETE
+                raise RequestError(f"a cache salt is at most {MAX_NAME_CHARS} characters (no request could carry this one)")
+            answer = engine.quota(salt)
+        except RequestError as e:
+            count.labels(route="/quota", status="400").inc()
+            return json({"status": "error", "reason": str(e)}, status=400)
         count.labels(route="/quota", status="200").inc()
-        return json(engine.quota(salt))
+        return json(answer)
+
+    @app.route("/quota/<rest:path>", methods=["GET", "PUT", "DELETE"])
+    async def quota_by_path(request: Request, rest: str) -> HTTPResponse:
+        # From the raw path, not the route's parameter: decoded exactly once, here.
+        raw = request.path[len("/quota/"):]
+        try:
+            salt = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            count.labels(route="/quota", status="400").inc()
+            return json({"status": "error", "reason": "the salt in the path is not percent-encoded UTF-8"}, status=400)
+        return await one_quota(request, salt)
+
+    @app.route("/quota/", methods=["GET", "PUT", "DELETE"], strict_slashes=True)
+    async def quota_by_query(request: Request) -> HTTPResponse:
+        return await one_quota(request, None)
 
     @app.get("/status")
     async def status(_: Request) -> HTTPResponse:
@@ -151,3 +188,24 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
         )
 
     return app
+
+
+def _json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object ({} without a body); anything else is the client's error."""
+    if not request.body:
+        return {}
+    try:
+        body = loads(request.body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise RequestError(f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError('the body must be a JSON object, such as {"limit_gb": N}')
+    return body
+
+
+def _query_salts(request: Request) -> list[str]:
+    """Every ?salt= of the query, blank ones too (the empty salt)."""
+    try:
+        return [v for k, v in parse_qsl(request.query_string, keep_blank_values=True, errors="strict") if k == "salt"]
+    except UnicodeDecodeError:
+        raise RequestError("the query is not percent-encoded UTF-8") from None

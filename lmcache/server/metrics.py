@@ -90,19 +90,25 @@ def _family(name: str, key: str, text: str, kind: type[GaugeMetricFamily] | type
 
 def _tenant_metrics(tenants: dict) -> Iterator[Metric]:
     """Per tenant (a digest of its cache salt; "" without one), the top ones by bytes held and
-    the rest summed as tenant="other": bounded however many salts there are."""
+    the rest summed as tenant="other": bounded however many salts there are.
+
+    All of them are gauges, hits and stores too: they are not counters. tenant="other" sums a
+    set of tenants that changes (it drops when one of them moves into the top), and a tenant's
+    figures start again from 0 when its record is forgotten (no chunks left, no own quota).
+    Exported as counters they went backwards, which Prometheus reads as a reset and turns
+    rate() into nonsense."""
     rows = [(t["tenant"], t) for t in tenants["top"]]
     if tenants["others"]["tenants"]:
         rows.append(("other", tenants["others"]))
-    for name, key, text, kind in (
-        ("lmcache_tenant_used_bytes", "used_bytes", "L1 bytes a tenant holds.", GaugeMetricFamily),
-        ("lmcache_tenant_objects", "objects", "L1 chunks a tenant holds.", GaugeMetricFamily),
-        ("lmcache_tenant_hit_chunks", "hits", "Chunks a tenant's lookups found.", CounterMetricFamily),
-        ("lmcache_tenant_stored_chunks", "stored", "Chunks a tenant stored.", CounterMetricFamily),
-        ("lmcache_tenant_quota_skipped_chunks", "quota_skipped", "Chunks not stored: the tenant's quota was full.",
-         CounterMetricFamily),
+    for name, key, text in (
+        ("lmcache_tenant_used_bytes", "used_bytes", "L1 bytes a tenant holds."),
+        ("lmcache_tenant_objects", "objects", "L1 chunks a tenant holds."),
+        ("lmcache_tenant_hit_chunks", "hits", "Chunks a tenant's lookups found since its record was made (may drop)."),
+        ("lmcache_tenant_stored_chunks", "stored", "Chunks a tenant stored since its record was made (may drop)."),
+        ("lmcache_tenant_quota_skipped_chunks", "quota_skipped",
+         "Chunks not stored, the tenant's quota full, since its record was made (may drop)."),
     ):
-        yield _family(name, key, text, kind, ["tenant"], [([tenant], row) for tenant, row in rows])
+        yield _family(name, key, text, GaugeMetricFamily, ["tenant"], [([tenant], row) for tenant, row in rows])
 
 
 def _l2_metrics(l2: dict) -> Iterator[Metric]:
