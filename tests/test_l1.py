@@ -271,3 +271,62 @@ def test_the_expiry_heap_stays_proportional_to_the_locks_held(clock: Clock) -> N
         _, handles = look(l1, SCOPE, hashes(4), lock=True)
         l1.release(handles)
     assert len(l1._expiries) <= 2 * 65536 + 8
+
+
+def test_stores_that_keep_nothing_leave_no_tenant_record(clock: Clock) -> None:
+    """Salts come from requests: a store that keeps nothing (its chunk larger than the default
+    quota, or L1 full of chunks being written) must not leave a record per salt behind."""
+    l1 = make_l1(clock, slots=2)
+    l1.default_quota = OBJ // 2  # smaller than one chunk: every store is skipped
+    for i in range(100):
+        store(l1, hashes(1, 16 * i), CacheScope("model", 1, 0, "fmt", f"salt-{i}"))
+    assert l1.stats()["used_bytes"] == 0 and l1.tenants(10)["others"]["tenants"] == 0 and not l1.tenants(10)["top"]
+    l1.default_quota = 100 * OBJ  # a sane one, larger than L1
+    busy = l1.reserve(SCOPE, hashes(2, 5000), OBJ).handles  # L1 full of chunks being written
+    for i in range(100):
+        assert l1.reserve(CacheScope("model", 1, 0, "fmt", f"late-{i}"), hashes(1, 16 * i), OBJ).skipped == 1
+    l1.commit(busy)
+    assert [t["salt"] for t in l1.tenants(10)["top"]] == [""] and l1.tenants(10)["others"]["tenants"] == 0
+
+
+def test_the_tenant_that_gives_is_always_the_one_most_over_its_quota_else_holding_the_most(
+        clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The victim's tenant comes from a lazy heap (an eviction must not walk every salt); checked
+    against a walk over all of them at every eviction, under random stores, locks, quotas."""
+    import random
+
+    l1 = make_l1(clock, slots=16)
+    chosen = L1Cache._victim
+    checked = []
+
+    def checked_victim(self: L1Cache, tenants: dict) -> object | None:
+        def rank(salt: str) -> tuple[bool, int]:
+            used, limit = self._used_by(salt), self._limit(salt)
+            return (limit is not None and used > limit, used)
+
+        best = max((rank(s) for s, p in tenants.items() if len(p)), default=None)
+        victim = chosen(self, tenants)
+        assert (victim is None) == (best is None)
+        if victim is not None:
+            assert rank(victim.scope.salt) == best  # type: ignore[attr-defined]
+            checked.append(best)
+        return victim
+
+    monkeypatch.setattr(L1Cache, "_victim", checked_victim)
+    rng = random.Random(5)
+    scopes = [CacheScope("model", 1, 0, "fmt", f"t{i}") for i in range(12)]
+    held: list = []
+    for step in range(3000):
+        scope = rng.choice(scopes)
+        roll = rng.random()
+        if roll < 0.05:
+            l1.set_quota(scope.salt, rng.choice([None, OBJ, 2 * OBJ, 4 * OBJ]))
+        elif roll < 0.15:
+            held += look(l1, scope, hashes(rng.randrange(1, 4), 16 * rng.randrange(40)), lock=True)[1]
+        elif roll < 0.25 and held:
+            l1.release([held.pop(rng.randrange(len(held)))])
+        elif roll < 0.27:
+            l1.default_quota = rng.choice([None, 3 * OBJ])
+        else:
+            store(l1, hashes(rng.randrange(1, 4), 16 * rng.randrange(40)), scope)
+    assert len(checked) > 500

@@ -134,6 +134,13 @@ class L1Cache:
         self._tenants: dict[str, TenantUsage] = {}
         self._quotas: dict[str, int] = {}  # cache salt -> bytes it may hold
         self.default_quota: int | None = None  # for salts without one of their own
+        # Which tenant gives next: the most over its quota, else the one holding the most. A lazy
+        # heap of (not over, -used bytes, seq, salt), so an eviction costs O(log tenants), not a
+        # walk over thousands of salts under the lock: an entry is pushed whenever a tenant's
+        # rank rises (a reservation, a quota); one whose rank fell since (a free) is found out of
+        # date when it comes up, and pushed again as it is now.
+        self._ranking: list[tuple[bool, int, int, str]] = []
+        self._ranked_default: int | None = None  # the default quota the ranking was made with
         self._expiries: list[tuple[float, int, LockHandle]] = []
         self._heap_limit = _MIN_HEAP_LIMIT
         self._orphans: dict[L1Object, None] = {}  # held reservations whose lock expired
@@ -173,6 +180,7 @@ class L1Cache:
                 tenant = self._tenant(scope.salt)
                 tenant.used_bytes += nbytes
                 tenant.objects += 1
+                self._rank(scope.salt)
                 handles.append(self._take_lock(obj, now))
             self.counters.skipped_stores += skipped
         return Reservation(handles, present, skipped)
@@ -350,6 +358,7 @@ class L1Cache:
             else:
                 self._quotas[salt] = limit_bytes
                 self._tenant(salt)
+                self._rank(salt)
 
     def quotas(self) -> dict[str, int]:
         with self._lock:
@@ -400,7 +409,14 @@ class L1Cache:
         tenant = self._tenants.get(salt)
         if tenant is None:
             tenant = self._tenants[salt] = TenantUsage()
+            if len(self._tenants) == 2:  # the one that was alone was not ranked
+                for other in self._tenants:
+                    self._rank(other)
         return tenant
+
+    def _used_by(self, salt: str) -> int:
+        tenant = self._tenants.get(salt)
+        return tenant.used_bytes if tenant is not None else 0
 
     def _limit(self, salt: str) -> int | None:
         """The bytes a salt may hold: its own quota, else the default (None: no limit)."""
@@ -467,12 +483,15 @@ class L1Cache:
         slot = slot_size(nbytes)
         limit = self._limit(salt)
         if limit is not None:  # over its quota, a tenant evicts its own chunks first
-            tenant = self._tenant(salt)
-            while tenant.used_bytes + nbytes > limit:
+            while self._used_by(salt) + nbytes > limit:
                 own = self._policies.get(slot, {}).get(salt)
                 victim_obj = own.victim() if own is not None else None
                 if victim_obj is None:
-                    tenant.quota_skipped += 1
+                    # Counted for a salt that has a record; never a record made for it: a store
+                    # that keeps nothing must leave nothing (salts come from requests).
+                    tenant = self._tenants.get(salt)
+                    if tenant is not None:
+                        tenant.quota_skipped += 1
                     return -1
                 self._evict(cast(L1Object, victim_obj))
         offset = self.pool.alloc(nbytes)
@@ -491,18 +510,44 @@ class L1Cache:
         return offset
 
     def _victim(self, tenants: dict[str, Policy]) -> object | None:
-        """The next victim of the tenant most over its quota, else of the one holding the most."""
-        best: Policy | None = None
-        best_key = (False, -1)
-        for salt, policy in tenants.items():
-            if not len(policy):
+        """The next victim, among ``tenants`` (the policies of one slot size), of the tenant most
+        over its quota, else of the one holding the most."""
+        if len(tenants) == 1:  # one candidate (the common case: one tenant): nothing to rank
+            (only,) = tenants.values()
+            return only.victim() if len(only) else None
+        if self._ranked_default != self.default_quota:  # every tenant without a quota moved
+            self._ranked_default = self.default_quota
+            self._ranking = [self._entry(salt) for salt in self._tenants]
+            heapq.heapify(self._ranking)
+        heap, aside, victim = self._ranking, [], None
+        while heap:
+            not_over, minus_used, _, salt = heap[0]
+            if salt not in self._tenants or self._entry(salt)[:2] != (not_over, minus_used):
+                heapq.heappop(heap)  # out of date: ranked again as it is now (if it still is)
+                if salt in self._tenants:
+                    heapq.heappush(heap, self._entry(salt))
                 continue
-            used = self._tenants[salt].used_bytes if salt in self._tenants else 0
-            limit = self._limit(salt)
-            key = (limit is not None and used > limit, used)
-            if key > best_key:
-                best, best_key = policy, key
-        return best.victim() if best is not None else None
+            policy = tenants.get(salt)
+            if policy is not None and len(policy):
+                victim = policy.victim()
+                break
+            aside.append(heapq.heappop(heap))  # nothing of this size to give now: kept for later
+        for entry in aside:
+            heapq.heappush(heap, entry)
+        return victim
+
+    def _entry(self, salt: str) -> tuple[bool, int, int, str]:
+        used, limit = self._used_by(salt), self._limit(salt)
+        return (not (limit is not None and used > limit), -used, next(self._seq), salt)
+
+    def _rank(self, salt: str) -> None:
+        """Ranks a tenant whose rank may have risen (lock held). Alone, it needs no rank."""
+        if len(self._tenants) < 2:
+            return
+        heapq.heappush(self._ranking, self._entry(salt))
+        if len(self._ranking) > 2 * len(self._tenants) + 1024:  # out-of-date entries: rebuilt, amortized O(1)
+            self._ranking = [self._entry(s) for s in self._tenants]
+            heapq.heapify(self._ranking)
 
     def _evict(self, obj: L1Object) -> None:
         assert obj.state is State.READY and obj.readers == 0 and not obj.detached
