@@ -210,6 +210,27 @@ def test_a_prepare_that_holds_nothing_leaves_no_ticket(eng: CacheEngine) -> None
     assert eng.status()["tickets"]["open"] == 0
 
 
+def test_one_engine_that_prepares_and_never_commits_holds_at_most_half_of_l1(eng: CacheEngine) -> None:
+    """A store's slots stay its engine's until it commits or dies (it writes them by raw offset),
+    so an engine that prepares and never commits, alive, would otherwise take all of L1 for good."""
+    _register(eng, "stuck")
+    _register(eng, "other")
+    obj, size = eng.registry.get("stuck").object_bytes, eng.l1.pool.size
+    granted = 0
+    for i in range(size // obj + 10):  # one chunk at a time, never committed
+        granted += sum(o >= 0 for o in eng.prepare_store("stuck", prompt(1, seed=i)).offsets)
+    assert 0 < granted * obj <= CacheEngine.MAX_HELD_SHARE * size
+    beyond = eng.prepare_store("stuck", prompt(3, seed=99_999))  # one offset per chunk asked, all refused
+    assert (beyond.ticket, beyond.offsets, beyond.skipped) == (0, [-1, -1, -1], 3)
+    hashes = prompt(4, seed=100_000)  # the other engine stores as before
+    ticket, offsets, _, _ = eng.prepare_store("other", hashes)
+    assert all(o >= 0 for o in offsets) and eng.commit_store(ticket, [True] * 4)[0] == 4
+    eng.MAX_HELD_SHARE = 2.5 * obj / size  # room for two chunks of three: the prompt's tail is not stored
+    partial = eng.prepare_store("other", prompt(3, seed=100_001))
+    assert partial.offsets[2] == -1 and min(partial.offsets[:2]) >= 0 and partial.skipped == 1
+    assert eng.commit_store(partial.ticket, [True] * 3)[0] == 2  # a commit answers every chunk asked
+
+
 def test_a_ticket_is_only_its_engines_and_never_guessable(eng: CacheEngine) -> None:
     _register(eng, "a")
     _register(eng, "b")

@@ -96,6 +96,8 @@ class _Session:
 class CacheEngine:
     # How often idle sessions (all locks expired) are forgotten.
     SESSION_SWEEP_S = 1.0
+    # The share of L1 one lmcache_driven engine may hold in prepared, uncommitted stores.
+    MAX_HELD_SHARE = 0.5
     # Longest pause between housekeeping rounds (see _reap_until_stopped).
     HOUSEKEEPING_S = 5.0
     # Salts with a quota of their own (PUT /quota/{salt}); many more tenants can run on the default.
@@ -397,13 +399,24 @@ class CacheEngine:
         """Reserves slots for the chunks not cached yet (offset -1: none for that chunk).
 
         The engine writes the slots itself, by raw offset: they stay its own until its commit
-        or its death (never only a timeout; see storage/l1.py on held reservations).
+        or its death (never only a timeout; see storage/l1.py on held reservations). So one
+        engine holds at most MAX_HELD_SHARE of L1 at once: one that prepares and never commits
+        (a bug, a stuck process) must not take the whole of it from the others; past that, the
+        prompt's later chunks are not stored.
         """
         reg = self.registry.get(instance_id)
         reg.engine_copies()
+        _check_hashes(hashes)
+        room = int(self.MAX_HELD_SHARE * self.l1.pool.size) - self._tickets.held_bytes(instance_id)
+        wanted = len(hashes) // HASH_BYTES
+        allowed = min(wanted, max(0, room) // reg.object_bytes)
+        if allowed < wanted:
+            hashes = hashes[: allowed * HASH_BYTES]
         res = self.begin_store(reg.scope(salt), hashes, reg.object_bytes, held=True)
-        offsets = [h.obj.offset if h is not None else -1 for h in res.handles]
-        return SlotGrant(self._issue(Ticket(TicketKind.STORE, reg, res.handles)), offsets, res.present, res.skipped)
+        handles = res.handles + [None] * (wanted - allowed)  # one per chunk asked, as the commit's results
+        offsets = [h.obj.offset if h is not None else -1 for h in handles]
+        ticket = self._issue(Ticket(TicketKind.STORE, reg, handles))
+        return SlotGrant(ticket, offsets, res.present, res.skipped + wanted - allowed)
 
     def commit_store(self, ticket: int, ok: Sequence[bool], instance_id: str = "") -> StoreResult:
         """Publishes the prepared chunks whose copy completed."""

@@ -36,6 +36,21 @@ class Tickets:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: dict[int, Ticket] = {}
+        self._held: dict[str, int] = {}  # engine -> bytes its open store tickets hold
+
+    def held_bytes(self, instance_id: str) -> int:
+        """The L1 bytes an engine's open store tickets hold (prepared, not committed yet)."""
+        with self._lock:
+            return self._held.get(instance_id, 0)
+
+    def _count(self, ticket: Ticket, sign: int) -> None:  # (lock held)
+        if ticket.kind is TicketKind.STORE:
+            engine = ticket.registration.instance_id
+            held = self._held.get(engine, 0) + sign * sum(h.obj.nbytes for h in ticket.handles if h is not None)
+            if held:
+                self._held[engine] = held
+            else:
+                self._held.pop(engine, None)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -52,6 +67,7 @@ class Tickets:
             while number in self._open:
                 number = secrets.randbits(62) + 1
             self._open[number] = ticket
+            self._count(ticket, +1)
         return number
 
     def take(self, number: int, kind: TicketKind, instance_id: str = "") -> Ticket | None:
@@ -63,6 +79,7 @@ class Tickets:
             if ticket is None or ticket.kind is not kind or instance_id not in ("", ticket.registration.instance_id):
                 raise RequestError(f"unknown or expired {kind.value} ticket {number}")
             del self._open[number]
+            self._count(ticket, -1)
         return ticket
 
     def sweep(self, lock_ttl_s: float, release_held: Callable[[list[LockHandle | None]], object],
@@ -82,5 +99,7 @@ class Tickets:
                 gone.append(number)  # asked outside the lock: alive() touches the file system
         with self._lock:
             dropped = [t for n in gone if (t := self._open.pop(n, None)) is not None]
+            for ticket in dropped:
+                self._count(ticket, -1)
         for ticket in dropped:
             (release_held if ticket.kind is TicketKind.STORE else release)(ticket.handles)
