@@ -330,3 +330,16 @@ def test_the_tenant_that_gives_is_always_the_one_most_over_its_quota_else_holdin
         else:
             store(l1, hashes(rng.randrange(1, 4), 16 * rng.randrange(40)), scope)
     assert len(checked) > 500
+
+
+def test_a_tenant_at_its_quota_makes_room_from_its_chunks_of_another_size(clock: Clock) -> None:
+    """All of a tenant's bytes count against its quota, so at its quota a store of another chunk
+    size (another model, the same salt) evicts its chunks of any size, not only of that one."""
+    l1 = L1Cache(MemoryPool(16 * OBJ, slab_bytes=4 * OBJ, prefault=False), LRUPolicy, 30.0, clock)
+    l1.set_quota("t", 2 * OBJ)
+    store(l1, hashes(2), CacheScope("model", 1, 0, "fmt", "t"))  # at its quota
+    other_model = CacheScope("model-2", 1, 0, "fmt", "t")
+    res = l1.reserve(other_model, hashes(1, 500), OBJ // 2)
+    assert res.skipped == 0 and l1.commit(res.handles) == 1
+    usage = l1.tenants(1)["top"][0]
+    assert usage["used_bytes"] == OBJ + OBJ // 2 and usage["quota_skipped"] == 0

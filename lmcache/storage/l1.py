@@ -484,8 +484,7 @@ class L1Cache:
         limit = self._limit(salt)
         if limit is not None:  # over its quota, a tenant evicts its own chunks first
             while self._used_by(salt) + nbytes > limit:
-                own = self._policies.get(slot, {}).get(salt)
-                victim_obj = own.victim() if own is not None else None
+                victim_obj = self._own_victim(slot, salt)
                 if victim_obj is None:
                     # Counted for a salt that has a record; never a record made for it: a store
                     # that keeps nothing must leave nothing (salts come from requests).
@@ -534,6 +533,18 @@ class L1Cache:
             aside.append(heapq.heappop(heap))  # nothing of this size to give now: kept for later
         for entry in aside:
             heapq.heappush(heap, entry)
+        return victim
+
+    def _own_victim(self, slot: int, salt: str) -> object | None:
+        """A tenant's next victim to stay within its quota: of the slot size it needs if it has
+        one, else of any other size (all its bytes count against its quota)."""
+        own = self._policies.get(slot, {}).get(salt)
+        victim = own.victim() if own is not None else None
+        for tenants in self._policies.values():
+            if victim is not None:
+                break
+            other = tenants.get(salt)
+            victim = other.victim() if other is not None else None
         return victim
 
     def _entry(self, salt: str) -> tuple[bool, int, int, str]:
