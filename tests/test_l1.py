@@ -343,3 +343,17 @@ def test_a_tenant_at_its_quota_makes_room_from_its_chunks_of_another_size(clock:
     assert res.skipped == 0 and l1.commit(res.handles) == 1
     usage = l1.tenants(1)["top"][0]
     assert usage["used_bytes"] == OBJ + OBJ // 2 and usage["quota_skipped"] == 0
+
+
+def test_a_tenant_put_back_on_a_smaller_default_quota_gives_first(clock: Clock) -> None:
+    l1 = make_l1(clock, slots=9)
+    a, b, c = (CacheScope("model", 1, 0, "fmt", salt) for salt in "abc")
+    l1.default_quota = 2 * OBJ
+    l1.set_quota("a", 100 * OBJ)
+    l1.set_quota("b", 100 * OBJ)
+    store(l1, hashes(3, 0), a)
+    store(l1, hashes(6, 1000), b)  # L1 full
+    store(l1, hashes(1, 5000), c)  # b, holding the most, gives
+    l1.set_quota("a", None)  # a is over the default now (3 chunks, 2 allowed): it gives next
+    store(l1, hashes(1, 6000), c)
+    assert {t["salt"]: t["objects"] for t in l1.tenants(10)["top"]} == {"a": 2, "b": 5, "c": 2}

@@ -244,3 +244,16 @@ def test_the_quota_table_is_bounded_and_existing_quotas_still_change() -> None:
         assert sorted(engine.l1.quotas()) == ["b", "c", "d"]
     finally:
         engine.close()
+
+
+def test_a_salt_no_request_could_carry_is_refused_and_breaks_nothing(server: ServerProcess) -> None:
+    """JSON lets a body carry a lone surrogate, which no UTF-8 request can: refused, and /quota,
+    /status and /metrics (which show every quota's tenant digest) go on answering."""
+    http = server.http_url
+    body = '{"salt": "\\ud800", "limit_gb": 0.0001}'
+    r = httpx.put(f"{http}/quota/", content=body, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and "valid Unicode" in r.json()["reason"]
+    for path in ("/quota", "/status", "/metrics"):
+        assert httpx.get(f"{http}{path}", timeout=10).status_code == 200, path
+    assert httpx.get(f"{http}/quota", timeout=10).json()["quotas"] == []
+    assert httpx.get(f"{http}/quota?other=1", timeout=10).status_code == 200  # names no salt: the list

@@ -407,9 +407,11 @@ class CacheEngine:
         reg = self.registry.get(instance_id)
         reg.engine_copies()
         _check_hashes(hashes)
-        room = int(self.MAX_HELD_SHARE * self.l1.pool.size) - self._tickets.held_bytes(instance_id)
+        held = self._tickets.held_bytes(instance_id)
         wanted = len(hashes) // HASH_BYTES
-        allowed = min(wanted, max(0, room) // reg.object_bytes)
+        room = int(self.MAX_HELD_SHARE * self.l1.pool.size) - held
+        # At least one chunk while it holds none, however large a chunk is against L1.
+        allowed = min(wanted, max(room // reg.object_bytes, 0 if held else 1))
         if allowed < wanted:
             hashes = hashes[: allowed * HASH_BYTES]
         res = self.begin_store(reg.scope(salt), hashes, reg.object_bytes, held=True)
@@ -565,8 +567,7 @@ class CacheEngine:
 
     def set_quota(self, salt: str, limit_gb: float | None) -> None:
         """What one cache salt may hold in L1 (None: the default, --default-quota-gb)."""
-        if len(salt) > MAX_NAME_CHARS:
-            raise RequestError(f"a cache salt is at most {MAX_NAME_CHARS} characters (no request could carry this one)")
+        _check_salt(salt)
         quotas = self.l1.quotas()  # a copy, taken under L1's lock: once
         if limit_gb is not None and salt not in quotas and len(quotas) >= self.MAX_QUOTAS:
             # Each quota keeps its tenant's figures for good: the table must stay bounded.
@@ -674,7 +675,17 @@ TOP_TENANTS = 10
 def tenant_id(salt: str) -> str:
     """How a cache salt is shown: a salt keeps tenants apart, so it is never printed, only a
     short digest of it ("" for requests without one)."""
-    return xxh3_128(salt.encode()).hex()[:12] if salt else ""
+    return xxh3_128(salt.encode("utf-8", "surrogatepass")).hex()[:12] if salt else ""
+
+
+def _check_salt(salt: str) -> None:
+    """A salt a request could carry (msgpack strings are UTF-8: a lone surrogate is none)."""
+    if len(salt) > MAX_NAME_CHARS:
+        raise RequestError(f"a cache salt is at most {MAX_NAME_CHARS} characters (no request could carry this one)")
+    try:
+        salt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"a cache salt must be valid Unicode text ({e.reason} at {e.start})") from None
 
 
 def _tenant_ids(tenants: dict[str, Any]) -> dict[str, Any]:

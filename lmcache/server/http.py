@@ -118,7 +118,7 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
     # the JSON body of /quota/ as {"salt": ...}.
     @app.get("/quota")
     async def list_quotas(request: Request) -> HTTPResponse:
-        if "salt=" in request.query_string:  # GET /quota?salt=...: that salt's, as /quota/?salt=...
+        if any(k == "salt" for k, _ in parse_qsl(request.query_string, keep_blank_values=True)):  # as /quota/?salt=
             return await one_quota(request, None)
         count.labels(route="/quota", status="200").inc()
         return json(engine.quotas())

@@ -355,6 +355,8 @@ class L1Cache:
                 tenant = self._tenants.get(salt)
                 if tenant is not None and tenant.objects == 0:
                     del self._tenants[salt]
+                elif tenant is not None:
+                    self._rank(salt)  # back on the default quota, it may be over it now
             else:
                 self._quotas[salt] = limit_bytes
                 self._tenant(salt)
