@@ -176,8 +176,10 @@ class SchedulerAdapter:
     def chunk_size(self) -> int | None:
         now = time.monotonic()
         if self._hello is None and now >= self._next_hello:
+            # Named (so the server logs it) only while the size is not known: not every few seconds.
+            ask = p.Hello(client_name="vllm-scheduler" if self._chunk_size is None else "")
             try:
-                self._hello = self._client.submit(p.Hello(client_name="vllm-scheduler"), wait_to_send=False)
+                self._hello = self._client.submit(ask, wait_to_send=False)
             except ServerUnavailableError:
                 self._hello_failed("not connected")
                 return self._chunk_size
