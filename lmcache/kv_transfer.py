@@ -125,15 +125,13 @@ class ServerCopies(KVTransfer):
     def copied(self, event: int) -> bool:
         return self.gpu is None or self.gpu.done(event)
 
-    def _timeout(self, timeout: float | None) -> float:
-        return self.client.timeout_s if timeout is None else timeout
-
-    @staticmethod
-    def _deadline(timeout: float) -> float:
-        """When this call gives up and its blocks go back to vLLM (reused, or recomputed): the
-        server copies nothing after it. Taken before the request is sent, so it is never later
-        than the client's own deadline (the server shares this host's CLOCK_MONOTONIC)."""
-        return time.monotonic() + timeout
+    def _limits(self, timeout: float | None) -> tuple[float, float]:
+        """(timeout, deadline): the deadline is when this call gives up and its blocks go back
+        to vLLM (reused, or recomputed), and the server copies nothing after it. Taken before the
+        request is sent, so it is never later than the client's own deadline (the server shares
+        this host's CLOCK_MONOTONIC)."""
+        timeout = self.client.timeout_s if timeout is None else timeout
+        return timeout, time.monotonic() + timeout
 
     def _event(self, event: bytes | None) -> bytes:
         if self.gpu is not None and event is None:
@@ -142,17 +140,15 @@ class ServerCopies(KVTransfer):
 
     def _store(self, hashes: bytes, block_ids: Sequence[int], salt: str, timeout: float | None,
                event: bytes | None) -> Stored:
-        timeout = self._timeout(timeout)
-        request = p.Store(self.instance_id, hashes, list(block_ids), salt, self._event(event), self._deadline(timeout))
+        timeout, deadline = self._limits(timeout)
+        request = p.Store(self.instance_id, hashes, list(block_ids), salt, self._event(event), deadline)
         r = self.client.call(request, p.StoreReply, timeout)
         return Stored(stored=r.stored, present=r.present, skipped=r.skipped, event=r.event)
 
     def _retrieve(self, hashes: bytes, block_ids: Sequence[int], skip_blocks: int, salt: str,
                   timeout: float | None, event: bytes | None) -> Retrieved:
-        timeout = self._timeout(timeout)
-        request = p.Retrieve(
-            self.instance_id, hashes, list(block_ids), skip_blocks, salt, self._event(event), self._deadline(timeout)
-        )
+        timeout, deadline = self._limits(timeout)
+        request = p.Retrieve(self.instance_id, hashes, list(block_ids), skip_blocks, salt, self._event(event), deadline)
         r = self.client.call(request, p.RetrieveReply, timeout)
         return Retrieved(retrieved=r.retrieved, event=r.event)
 

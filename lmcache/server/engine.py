@@ -578,6 +578,7 @@ class CacheEngine:
         self.l1.set_quota(salt, None if limit_gb is None else int(limit_gb * GIB))
 
     def quota(self, salt: str) -> dict[str, Any]:
+        _check_salt(salt)  # GET: the same answer as PUT and DELETE
         own = self.l1.quotas().get(salt)
         limit = own if own is not None else self.l1.default_quota
         return {"tenant": tenant_id(salt), "limit_gb": None if limit is None else round(limit / GIB, 6), "own": own is not None}

@@ -16,7 +16,6 @@ from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, SanicException
 from sanic.response import HTTPResponse, json, raw
 
-from lmcache.keys import MAX_NAME_CHARS
 from lmcache.security import bearer_matches
 from lmcache.server.engine import CacheEngine
 from lmcache.server.errors import RequestError
@@ -141,8 +140,6 @@ def build_app(engine: CacheEngine, metrics: ServerMetrics) -> Sanic:
                 engine.set_quota(salt, limit)
             elif request.method == "DELETE":
                 engine.set_quota(salt, None)
-            elif len(salt) > MAX_NAME_CHARS:  # GET: the same answer as PUT and DELETE
-                raise RequestError(f"a cache salt is at most {MAX_NAME_CHARS} characters (no request could carry this one)")
             answer = engine.quota(salt)
         except RequestError as e:
             count.labels(route="/quota", status="400").inc()

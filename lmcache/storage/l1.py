@@ -518,8 +518,7 @@ class L1Cache:
             return only.victim() if len(only) else None
         if self._ranked_default != self.default_quota:  # every tenant without a quota moved
             self._ranked_default = self.default_quota
-            self._ranking = [self._entry(salt) for salt in self._tenants]
-            heapq.heapify(self._ranking)
+            self._rerank()
         heap, aside, victim = self._ranking, [], None
         while heap:
             not_over, minus_used, _, salt = heap[0]
@@ -559,8 +558,11 @@ class L1Cache:
             return
         heapq.heappush(self._ranking, self._entry(salt))
         if len(self._ranking) > 2 * len(self._tenants) + 1024:  # out-of-date entries: rebuilt, amortized O(1)
-            self._ranking = [self._entry(s) for s in self._tenants]
-            heapq.heapify(self._ranking)
+            self._rerank()
+
+    def _rerank(self) -> None:
+        self._ranking = [self._entry(salt) for salt in self._tenants]
+        heapq.heapify(self._ranking)
 
     def _evict(self, obj: L1Object) -> None:
         assert obj.state is State.READY and obj.readers == 0 and not obj.detached

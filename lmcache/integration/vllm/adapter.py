@@ -263,9 +263,11 @@ class SchedulerAdapter:
             else:
                 try:
                     reply = req.lookup.result()
-                    req.hit_chunks = reply.hit_chunks if isinstance(reply, p.LookupReply) else 0
-                    if isinstance(reply, p.LookupReply) and reply.chunk_size not in (0, req.chunk):
-                        self._adopt(reply.chunk_size)  # the server restarted with another chunk size
+                    req.hit_chunks = 0
+                    if isinstance(reply, p.LookupReply):
+                        req.hit_chunks = reply.hit_chunks
+                        if reply.chunk_size not in (0, req.chunk):
+                            self._adopt(reply.chunk_size)  # the server restarted with another chunk size
                 except ServerUnavailableError as e:
                     self._down.saw(e)
                     req.hit_chunks = 0
